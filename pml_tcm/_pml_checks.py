@@ -1,0 +1,82 @@
+"""Argument checks shared by the pml adapters."""
+
+from __future__ import annotations
+
+import torch
+from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.utils import common_functions as c_f
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+from torch import Tensor
+
+from .functional import validation
+from .functional.tcm import PairIndices
+
+
+def check_cosine_distance(distance: object, owner: str) -> None:
+    """TCM's margins are cosine similarities: only pml's plain CosineSimilarity fits."""
+    if type(distance) is not CosineSimilarity or distance.power != 1:
+        raise ValueError(
+            f"{owner} requires distance=CosineSimilarity() (its margins are cosine "
+            f"similarities), got {type(distance).__name__}"
+            + (f" with power={distance.power}" if hasattr(distance, "power") else "")
+        )
+
+
+def prepare_batch(
+    embeddings: Tensor,
+    labels: Tensor | None,
+    ref_emb: Tensor | None,
+    ref_labels: Tensor | None,
+    check_values: bool,
+    owner: str,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Check a pml-style call and return ``(labels, ref_emb, ref_labels)`` on the device.
+
+    ``ref_emb`` comes back as ``None`` when the batch is paired with itself (pml passes
+    the batch itself as its own reference), so that self pairs are excluded.
+    """
+    validation.check_embeddings_shape(embeddings, "embeddings")
+    if labels is None:
+        raise ValueError(f"{owner} needs labels")
+    validation.check_labels(labels, embeddings.shape[0], "labels")
+    labels = c_f.to_device(labels, embeddings)
+    if ref_emb is embeddings:
+        ref_emb = None
+    if ref_emb is None:
+        if ref_labels is not None and ref_labels is not labels:
+            raise ValueError("ref_labels was given without ref_emb")
+        ref_labels = None
+    else:
+        validation.check_embeddings_shape(ref_emb, "ref_emb")
+        if ref_emb.shape[1] != embeddings.shape[1]:
+            raise ValueError(
+                f"ref_emb has embedding size {ref_emb.shape[1]} but embeddings has "
+                f"{embeddings.shape[1]}"
+            )
+        if ref_labels is None:
+            raise ValueError(f"{owner} needs ref_labels when ref_emb is given")
+        validation.check_labels(ref_labels, ref_emb.shape[0], "ref_labels")
+        ref_labels = c_f.to_device(ref_labels, ref_emb)
+    if check_values:
+        validation.check_embeddings_values(embeddings, "embeddings")
+        if ref_emb is not None:
+            validation.check_embeddings_values(ref_emb, "ref_emb")
+    return labels, ref_emb, ref_labels
+
+
+def as_pairs(
+    indices_tuple: tuple[Tensor, ...] | None,
+    labels: Tensor,
+    ref_labels: Tensor | None,
+    device: torch.device,
+) -> PairIndices | None:
+    """pml's indices_tuple (pairs or triplets) as ``(a1, p, a2, n)`` on ``device``."""
+    if indices_tuple is None:
+        return None
+    if len(indices_tuple) not in (3, 4):
+        raise ValueError(
+            "indices_tuple must be (anchors, positives, negatives) or "
+            f"(anchors1, positives, anchors2, negatives), got {len(indices_tuple)} tensors"
+        )
+    pairs = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
+    return tuple(c_f.to_device(torch.as_tensor(x), device=device).long() for x in pairs)

@@ -1,0 +1,13 @@
+"""Pure tensor math of pml-tcm; imports nothing from pytorch-metric-learning."""
+
+from .pairs import pair_masks, self_pair_diagonal
+from .tcm import hard_pair_masks, tcm_hard_pairs, tcm_loss, tcm_loss_and_counts
+
+__all__ = [
+    "hard_pair_masks",
+    "pair_masks",
+    "self_pair_diagonal",
+    "tcm_hard_pairs",
+    "tcm_loss",
+    "tcm_loss_and_counts",
+]

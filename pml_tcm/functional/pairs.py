@@ -1,0 +1,40 @@
+"""Pair conventions shared by TCM, the TCM miner and OPIS.
+
+A *pair* is (query ``i``, reference ``j``). When the reference set is the query set
+itself, a sample is never paired with itself: the pair ``(i, i + self_offset)`` is
+neither positive nor negative. ``self_offset`` is the position of query 0 in the
+reference set, so a chunk of queries ``[s, e)`` of a set compared against the whole set
+uses ``self_offset=s``; ``None`` means the two sets are distinct.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def pair_masks(
+    labels: Tensor, ref_labels: Tensor, self_offset: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Positive and negative pair masks.
+
+    Args:
+        labels: ``(N,)`` integer labels of the queries.
+        ref_labels: ``(M,)`` integer labels of the references.
+        self_offset: where query 0 sits in the reference set when the queries are part
+            of it (its self pairs are excluded), or ``None`` for distinct sets.
+
+    Returns:
+        ``(positive, negative)``, each ``(N, M)`` bool: same label and not a self pair;
+        different label.
+    """
+    positive = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
+    negative = ~positive
+    if self_offset is not None:
+        self_pair_diagonal(positive, self_offset).fill_(False)
+    return positive, negative
+
+
+def self_pair_diagonal(matrix: Tensor, self_offset: int) -> Tensor:
+    """The view of an ``(N, M)`` matrix holding the self pairs ``(i, i + self_offset)``."""
+    return torch.diagonal(matrix, offset=self_offset)

@@ -1,0 +1,237 @@
+"""Threshold-Consistent Margin (TCM) term and hard-pair mining, as pure tensor math.
+
+For queries ``x_i`` (labels ``y_i``), references ``r_j`` (labels ``z_j``) and cosine
+similarity ``S_ij``::
+
+    TCM = pos_weight * sum_{y_i = z_j, S_ij <= m+} (m+ - S_ij) / #{y_i = z_j, S_ij <= m+}
+        + neg_weight * sum_{y_i != z_j, S_ij >= m-} (S_ij - m-) / #{y_i != z_j, S_ij >= m-}
+
+An empty part is 0; the counts are constants for the gradient. Everything is computed
+from one similarity matrix: memory is O(N*M) scalars, never O(N*M*D), and nothing is
+read back to the host, so the term runs under ``torch.compile`` without graph breaks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .pairs import pair_masks
+
+PairIndices = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def normalize(embeddings: Tensor) -> Tensor:
+    """Unit-norm rows in the accumulation dtype. ``(N, D) -> (N, D)``."""
+    return F.normalize(embeddings.to(accumulation_dtype(embeddings.dtype)), dim=1)
+
+
+def hard_pair_masks(
+    sims: Tensor,
+    labels: Tensor,
+    ref_labels: Tensor,
+    pos_margin: float,
+    neg_margin: float,
+    self_offset: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Hard positive (``S <= pos_margin``) and hard negative (``S >= neg_margin``) masks.
+
+    Args:
+        sims: ``(N, M)`` cosine similarities.
+        labels: ``(N,)`` query labels.
+        ref_labels: ``(M,)`` reference labels.
+        pos_margin: m+; positives at or below it are hard.
+        neg_margin: m-; negatives at or above it are hard.
+        self_offset: see :func:`pml_tcm.functional.pairs.pair_masks`.
+
+    Returns:
+        ``(hard_positive, hard_negative)``, each ``(N, M)`` bool.
+    """
+    hard_positive, hard_negative = pair_masks(labels, ref_labels, self_offset)
+    hard_positive &= sims <= pos_margin
+    hard_negative &= sims >= neg_margin
+    return hard_positive, hard_negative
+
+
+def _part_coefficient(weight: float, count: Tensor, dtype: torch.dtype) -> Tensor:
+    # weight / count, and 0 when there is no hard pair; a tensor, so no host sync.
+    return weight / count.clamp_min(1).to(dtype)
+
+
+@torch.no_grad()
+def tcm_pair_weights(
+    embeddings: Tensor,
+    labels: Tensor,
+    ref_embeddings: Tensor,
+    ref_labels: Tensor,
+    pos_margin: float,
+    neg_margin: float,
+    pos_weight: float,
+    neg_weight: float,
+    self_offset: int | None = None,
+    pairs: PairIndices | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The TCM term as ``sum(W * S) + constant``, a linear function of the similarities.
+
+    Args:
+        embeddings: ``(N, D)`` unit-norm queries.
+        labels: ``(N,)`` query labels.
+        ref_embeddings: ``(M, D)`` unit-norm references.
+        ref_labels: ``(M,)`` reference labels.
+        pos_margin, neg_margin, pos_weight, neg_weight: m+, m-, lambda+, lambda-.
+        self_offset: see :func:`pml_tcm.functional.pairs.pair_masks`; ignored when
+            ``pairs`` is given.
+        pairs: optional explicit pairs ``(a1, p, a2, n)``: positive pairs ``(a1[k], p[k])``
+            and negative pairs ``(a2[k], n[k])``; a pair listed twice counts twice.
+
+    Returns:
+        ``(W, constant, num_hard_pos, num_hard_neg)``: ``W`` is ``(N, M)`` in the
+        embeddings' dtype; the others are 0-dim.
+    """
+    sims = embeddings @ ref_embeddings.T
+    dtype = sims.dtype
+    if pairs is None:
+        hard_positive, hard_negative = hard_pair_masks(
+            sims, labels, ref_labels, pos_margin, neg_margin, self_offset
+        )
+        num_pos, num_neg = hard_positive.sum(), hard_negative.sum()
+        pos_coef = _part_coefficient(pos_weight, num_pos, dtype)
+        neg_coef = _part_coefficient(neg_weight, num_neg, dtype)
+        weights = sims.zero_()  # reuse the storage: S is not needed any more
+        weights.masked_fill_(hard_positive, -pos_coef)
+        weights.masked_fill_(hard_negative, neg_coef)
+    else:
+        anchors_pos, positives, anchors_neg, negatives = pairs
+        pos_sims = sims[anchors_pos, positives]
+        neg_sims = sims[anchors_neg, negatives]
+        hard_pos = pos_sims <= pos_margin
+        hard_neg = neg_sims >= neg_margin
+        num_pos, num_neg = hard_pos.sum(), hard_neg.sum()
+        pos_coef = _part_coefficient(pos_weight, num_pos, dtype)
+        neg_coef = _part_coefficient(neg_weight, num_neg, dtype)
+        weights = sims.zero_()
+        weights.index_put_(
+            (anchors_pos, positives), -pos_coef * hard_pos.to(dtype), accumulate=True
+        )
+        weights.index_put_((anchors_neg, negatives), neg_coef * hard_neg.to(dtype), accumulate=True)
+    constant = pos_weight * pos_margin * (num_pos > 0).to(dtype) - neg_weight * neg_margin * (
+        num_neg > 0
+    ).to(dtype)
+    return weights, constant, num_pos, num_neg
+
+
+def tcm_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    ref_embeddings: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    pos_margin: float = 0.9,
+    neg_margin: float = 0.5,
+    pos_weight: float = 1.0,
+    neg_weight: float = 1.0,
+    pairs: PairIndices | None = None,
+) -> Tensor:
+    """The TCM regularization term.
+
+    Args:
+        embeddings: ``(N, D)`` float16/bfloat16/float32/float64; need not be normalised.
+        labels: ``(N,)`` integer labels.
+        ref_embeddings: ``(M, D)`` references, or ``None`` to pair the batch with itself
+            (self pairs excluded).
+        ref_labels: ``(M,)`` reference labels; required with ``ref_embeddings``.
+        pos_margin, neg_margin: m+ and m-.
+        pos_weight, neg_weight: lambda+ and lambda-.
+        pairs: optional explicit pairs ``(a1, p, a2, n)`` (indices into the queries and
+            the references); only these pairs are considered.
+
+    Returns:
+        0-dim tensor, float64 for float64 input and float32 otherwise. Its gradient flows
+        to ``embeddings`` and ``ref_embeddings``.
+
+    No value checks here (see :mod:`pml_tcm.functional.validation`): this function
+    never synchronises with the device.
+    """
+    return tcm_loss_and_counts(
+        embeddings,
+        labels,
+        ref_embeddings,
+        ref_labels,
+        pos_margin,
+        neg_margin,
+        pos_weight,
+        neg_weight,
+        pairs,
+    )[0]
+
+
+def tcm_loss_and_counts(
+    embeddings: Tensor,
+    labels: Tensor,
+    ref_embeddings: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    pos_margin: float = 0.9,
+    neg_margin: float = 0.5,
+    pos_weight: float = 1.0,
+    neg_weight: float = 1.0,
+    pairs: PairIndices | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`tcm_loss` plus the numbers of hard positive and hard negative pairs."""
+    queries = normalize(embeddings)
+    if ref_embeddings is None:
+        references, ref_labels, self_offset = queries, labels, 0
+    else:
+        if ref_labels is None:
+            raise ValueError("ref_labels is required when ref_embeddings is given")
+        references, self_offset = normalize(ref_embeddings), None
+    weights, constant, num_pos, num_neg = tcm_pair_weights(
+        queries.detach(),
+        labels,
+        references.detach(),
+        ref_labels,
+        pos_margin,
+        neg_margin,
+        pos_weight,
+        neg_weight,
+        self_offset,
+        pairs,
+    )
+    # sum_ij W_ij <q_i, r_j> written as sum_i <q_i, (W r)_i>: W is saved once for the
+    # backward pass and no (N, M) gradient is ever built.
+    loss = (queries * (weights @ references)).sum() + constant
+    return loss, num_pos, num_neg
+
+
+@torch.no_grad()
+def tcm_hard_pairs(
+    embeddings: Tensor,
+    labels: Tensor,
+    ref_embeddings: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    pos_margin: float = 0.9,
+    neg_margin: float = 0.5,
+) -> PairIndices:
+    """Indices of the pairs the TCM term penalises, as pml's ``(a1, p, a2, n)``.
+
+    Args: as :func:`tcm_loss`.
+
+    Returns:
+        Four ``(P,)`` int64 tensors: hard positive pairs ``(a1, p)`` (same label,
+        ``S <= pos_margin``) and hard negative pairs ``(a2, n)`` (``S >= neg_margin``).
+    """
+    queries = normalize(embeddings)
+    if ref_embeddings is None:
+        references, ref_labels, self_offset = queries, labels, 0
+    else:
+        references, self_offset = normalize(ref_embeddings), None
+    hard_positive, hard_negative = hard_pair_masks(
+        queries @ references.T, labels, ref_labels, pos_margin, neg_margin, self_offset
+    )
+    anchors_pos, positives = torch.nonzero(hard_positive, as_tuple=True)
+    anchors_neg, negatives = torch.nonzero(hard_negative, as_tuple=True)
+    return anchors_pos, positives, anchors_neg, negatives

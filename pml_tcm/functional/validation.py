@@ -1,0 +1,75 @@
+"""Input checks that raise a ``ValueError`` naming the offending argument.
+
+Shape and range checks are free. :func:`check_embeddings_values` reads one boolean back
+from the device (a host-device synchronisation); callers on a hot path can skip it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def check_embeddings_shape(embeddings: Tensor, name: str = "embeddings") -> None:
+    """Require a 2-D floating-point tensor."""
+    if not isinstance(embeddings, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(embeddings).__name__}")
+    if embeddings.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D (num_samples, embedding_size), got shape {tuple(embeddings.shape)}"
+        )
+    if not embeddings.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {embeddings.dtype}")
+
+
+def check_labels(labels: Tensor, num_samples: int, name: str = "labels") -> None:
+    """Require 1-D integer (or bool) labels, one per sample."""
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (num_samples,), got shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"{name} must hold integer class ids, got {labels.dtype}")
+    if labels.shape[0] != num_samples:
+        raise ValueError(
+            f"{name} has {labels.shape[0]} entries but there are {num_samples} embeddings"
+        )
+
+
+def check_embeddings_values(embeddings: Tensor, name: str = "embeddings") -> None:
+    """Reject NaN/Inf entries and zero-norm rows (cosine similarity is undefined there).
+
+    One host-device synchronisation on the happy path.
+    """
+    if embeddings.numel() == 0:
+        return
+    finite_rows = torch.isfinite(embeddings).all(dim=1)
+    nonzero_rows = (embeddings != 0).any(dim=1)
+    if bool((finite_rows & nonzero_rows).all()):
+        return
+    if not bool(finite_rows.all()):
+        row = int((~finite_rows).nonzero()[0, 0])
+        raise ValueError(f"{name} contains NaN or Inf (first at row {row})")
+    row = int((~nonzero_rows).nonzero()[0, 0])
+    raise ValueError(
+        f"{name} has a zero-norm row (row {row}); cosine similarity is undefined for it"
+    )
+
+
+def check_margins(pos_margin: float, neg_margin: float) -> None:
+    """Both margins are cosine similarities in [-1, 1] and ``pos_margin >= neg_margin``."""
+    for name, value in (("pos_margin", pos_margin), ("neg_margin", neg_margin)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not -1.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [-1, 1], got {value}")
+    if pos_margin < neg_margin:
+        raise ValueError(f"pos_margin ({pos_margin}) must be >= neg_margin ({neg_margin})")
+
+
+def check_weight(value: float, name: str) -> None:
+    """A loss weight is a finite number >= 0."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -1,0 +1,140 @@
+"""TCMRegularizer: the Threshold-Consistent Margin term as a pml embedding regularizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.regularizers import BaseRegularizer
+from torch import Tensor
+
+from . import _pml_checks
+from .functional import tcm as tcm_functional
+from .functional import validation
+
+_NEEDS_WITH_TCM = (
+    "TCMRegularizer needs labels, but it was called with embeddings only. pml calls an "
+    "embedding_regularizer that way; attach it with pml_tcm.with_tcm(loss) (or "
+    "with_tcm(loss, regularizer=...)) so that the loss hands it labels, ref_emb/"
+    "ref_labels and indices_tuple on every call."
+)
+
+
+class TCMRegularizer(BaseRegularizer):
+    """Threshold-Consistent Margin (TCM) term (Zhang et al., ICLR 2024).
+
+    Penalises hard positive pairs (same label, cosine similarity ``<= pos_margin``) by
+    ``pos_margin - S`` and hard negative pairs (different labels, ``>= neg_margin``) by
+    ``S - neg_margin``, each part averaged over its hard pairs. Computed from one
+    similarity matrix; no host-device sync beyond the optional input check.
+
+    Use it through :func:`pml_tcm.with_tcm` (which makes a pml loss hand it labels), as a
+    member of ``losses.MultipleLosses``, or call it directly::
+
+        reg = TCMRegularizer()
+        value = reg(embeddings, labels)                  # batch vs batch
+        value = reg(embeddings, labels, ref_emb=refs, ref_labels=ref_labels)
+
+    Args:
+        pos_margin: m+ in [-1, 1].
+        neg_margin: m- in [-1, 1], at most ``pos_margin``.
+        pos_weight: lambda+ >= 0.
+        neg_weight: lambda- >= 0.
+        check_inputs: check for NaN/Inf and zero-norm rows (one host-device sync per
+            call). Set False for a sync-free step, e.g. under ``torch.compile``.
+        **kwargs: passed to pml's ``BaseRegularizer`` (``reducer``, ``distance``,
+            ``collect_stats``). ``distance`` must be ``CosineSimilarity()``.
+
+    Raises:
+        ValueError: margins or weights out of range, or another distance.
+
+    Recorded stats (with ``collect_stats=True``): ``num_hard_pos_pairs``,
+    ``num_hard_neg_pairs`` (0-dim tensors, read lazily).
+    """
+
+    def __init__(
+        self,
+        pos_margin: float = 0.9,
+        neg_margin: float = 0.5,
+        pos_weight: float = 1.0,
+        neg_weight: float = 1.0,
+        check_inputs: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        _pml_checks.check_cosine_distance(self.distance, "TCMRegularizer")
+        validation.check_margins(pos_margin, neg_margin)
+        validation.check_weight(pos_weight, "pos_weight")
+        validation.check_weight(neg_weight, "neg_weight")
+        self.pos_margin = float(pos_margin)
+        self.neg_margin = float(neg_margin)
+        self.pos_weight = float(pos_weight)
+        self.neg_weight = float(neg_weight)
+        self.check_inputs = check_inputs
+        self._call_context: dict[str, Any] | None = None
+        self.add_to_recordable_attributes(
+            list_of_names=["pos_margin", "neg_margin", "pos_weight", "neg_weight"],
+            is_stat=False,
+        )
+        self.add_to_recordable_attributes(
+            list_of_names=["num_hard_pos_pairs", "num_hard_neg_pairs"], is_stat=True
+        )
+
+    def get_default_distance(self) -> CosineSimilarity:
+        return CosineSimilarity()
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor | None = None,
+        indices_tuple: tuple[Tensor, ...] | None = None,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> Tensor:
+        """Args as pml losses: ``embeddings (N, D)``, ``labels (N,)``, optional pairs or
+        triplets ``indices_tuple``, ``ref_emb (M, D)`` and ``ref_labels (M,)``.
+
+        Returns:
+            The reduced (0-dim) TCM term.
+        """
+        self.reset_stats()
+        if labels is None:
+            if self._call_context is None:
+                raise ValueError(_NEEDS_WITH_TCM)
+            labels = self._call_context["labels"]
+            indices_tuple = self._call_context["indices_tuple"]
+            ref_emb = self._call_context["ref_emb"]
+            ref_labels = self._call_context["ref_labels"]
+            if labels is None:
+                raise ValueError("the loss TCM is attached to was called without labels")
+        labels, ref_emb, ref_labels = _pml_checks.prepare_batch(
+            embeddings, labels, ref_emb, ref_labels, self.check_inputs, "TCMRegularizer"
+        )
+        loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return self.reducer(loss_dict, embeddings, labels)
+
+    def compute_loss(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        indices_tuple: tuple[Tensor, ...] | None,
+        ref_emb: Tensor | None,
+        ref_labels: Tensor | None,
+    ) -> dict[str, dict[str, Any]]:
+        pairs = _pml_checks.as_pairs(
+            indices_tuple, labels, labels if ref_labels is None else ref_labels, embeddings.device
+        )
+        loss, num_pos, num_neg = tcm_functional.tcm_loss_and_counts(
+            embeddings,
+            labels,
+            ref_emb,
+            ref_labels,
+            self.pos_margin,
+            self.neg_margin,
+            self.pos_weight,
+            self.neg_weight,
+            pairs,
+        )
+        if self.collect_stats:
+            self.num_hard_pos_pairs, self.num_hard_neg_pairs = num_pos, num_neg
+        return {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
