@@ -15,7 +15,6 @@ from .regularizer import TCMRegularizer
 LossT = TypeVar("LossT", bound=nn.Module)
 
 _CALL_ARGUMENTS = ("embeddings", "labels", "indices_tuple", "ref_emb", "ref_labels")
-_HOOK_MARK = "_pml_tcm_hooks"
 
 
 def with_tcm(loss_fn: LossT, regularizer: TCMRegularizer | None = None, **tcm_kwargs: Any) -> LossT:
@@ -81,12 +80,9 @@ def _attach(loss: BaseMetricLossFunction, regularizer: TCMRegularizer) -> None:
     if not had_regularizer:
         loss.add_to_recordable_attributes(list_of_names=["embedding_reg_weight"], is_stat=False)
         _add_reducer_entry(loss)
-    if not getattr(loss, _HOOK_MARK, None):
-        handles = (
-            loss.register_forward_pre_hook(_hand_call_to_regularizer, with_kwargs=True),
-            loss.register_forward_hook(_clear_regularizer_call, always_call=True),
-        )
-        object.__setattr__(loss, _HOOK_MARK, handles)
+    if _hand_call_to_regularizer not in loss._forward_pre_hooks.values():
+        loss.register_forward_pre_hook(_hand_call_to_regularizer, with_kwargs=True)
+        loss.register_forward_hook(_clear_regularizer_call, always_call=True)
 
 
 def _add_reducer_entry(loss: BaseMetricLossFunction) -> None:

@@ -6,12 +6,16 @@ similarity ``S_ij``::
     TCM = pos_weight * sum_{y_i = z_j, S_ij <= m+} (m+ - S_ij) / #{y_i = z_j, S_ij <= m+}
         + neg_weight * sum_{y_i != z_j, S_ij >= m-} (S_ij - m-) / #{y_i != z_j, S_ij >= m-}
 
-An empty part is 0; the counts are constants for the gradient. Everything is computed
+An empty part is 0; the counts are constants for the gradient. Similarities are
+compared as values in [-1, 1]: ``m+ = 1`` makes every positive pair hard and ``m- = -1``
+every negative pair, whatever the rounding of an identical pair. Everything is computed
 from one similarity matrix: memory is O(N*M) scalars, never O(N*M*D), and nothing is
 read back to the host, so the term runs under ``torch.compile`` without graph breaks.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +34,14 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def normalize(embeddings: Tensor) -> Tensor:
     """Unit-norm rows in the accumulation dtype. ``(N, D) -> (N, D)``."""
     return F.normalize(embeddings.to(accumulation_dtype(embeddings.dtype)), dim=1)
+
+
+def _comparison_bounds(pos_margin: float, neg_margin: float) -> tuple[float, float]:
+    # Cosine similarity lies in [-1, 1] but rounding can put an identical pair at
+    # 1 + 2e-16; a margin at the end of the range therefore accepts every pair.
+    pos_bound = math.inf if pos_margin >= 1.0 else pos_margin
+    neg_bound = -math.inf if neg_margin <= -1.0 else neg_margin
+    return pos_bound, neg_bound
 
 
 def hard_pair_masks(
@@ -53,9 +65,10 @@ def hard_pair_masks(
     Returns:
         ``(hard_positive, hard_negative)``, each ``(N, M)`` bool.
     """
+    pos_bound, neg_bound = _comparison_bounds(pos_margin, neg_margin)
     hard_positive, hard_negative = pair_masks(labels, ref_labels, self_offset)
-    hard_positive &= sims <= pos_margin
-    hard_negative &= sims >= neg_margin
+    hard_positive &= sims <= pos_bound
+    hard_negative &= sims >= neg_bound
     return hard_positive, hard_negative
 
 
@@ -110,8 +123,9 @@ def tcm_pair_weights(
         anchors_pos, positives, anchors_neg, negatives = pairs
         pos_sims = sims[anchors_pos, positives]
         neg_sims = sims[anchors_neg, negatives]
-        hard_pos = pos_sims <= pos_margin
-        hard_neg = neg_sims >= neg_margin
+        pos_bound, neg_bound = _comparison_bounds(pos_margin, neg_margin)
+        hard_pos = pos_sims <= pos_bound
+        hard_neg = neg_sims >= neg_bound
         num_pos, num_neg = hard_pos.sum(), hard_neg.sum()
         pos_coef = _part_coefficient(pos_weight, num_pos, dtype)
         neg_coef = _part_coefficient(neg_weight, num_neg, dtype)
