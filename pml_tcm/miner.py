@@ -51,11 +51,31 @@ class TCMMiner(BaseMiner):
     def get_default_distance(self) -> CosineSimilarity:
         return CosineSimilarity()
 
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Args as pml miners: ``embeddings (N, D)``, ``labels (N,)``, optional
+        ``ref_emb (M, D)``, ``ref_labels (M,)``.
+
+        Returns:
+            ``(a1, p, a2, n)``: int64 index tensors of the hard positive pairs
+            ``(a1[k], p[k])`` and hard negative pairs ``(a2[k], n[k])``.
+        """
+        # Our checks first, so that bad input gets our messages, not pml's asserts.
+        _pml_checks.prepare_batch(
+            embeddings, labels, ref_emb, ref_labels, self.check_inputs, "TCMMiner"
+        )
+        return super().forward(embeddings, labels, ref_emb, ref_labels)
+
     def mine(
         self, embeddings: Tensor, labels: Tensor, ref_emb: Tensor, ref_labels: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         labels, ref_emb, ref_labels = _pml_checks.prepare_batch(
-            embeddings, labels, ref_emb, ref_labels, self.check_inputs, "TCMMiner"
+            embeddings, labels, ref_emb, ref_labels, False, "TCMMiner"
         )
         return tcm_functional.tcm_hard_pairs(
             embeddings, labels, ref_emb, ref_labels, self.pos_margin, self.neg_margin
