@@ -73,3 +73,79 @@ def check_weight(value: float, name: str) -> None:
     """A loss weight is a finite number >= 0."""
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_evaluation_set(
+    embeddings: Tensor, labels: Tensor, name: str = "embeddings", labels_name: str = "labels"
+) -> None:
+    """A non-empty 2-D float set with finite values and one integer label per row.
+
+    One host-device synchronisation (the finiteness check).
+
+    Raises:
+        ValueError: naming ``name`` or ``labels_name``.
+    """
+    check_embeddings_shape(embeddings, name)
+    if embeddings.shape[0] == 0:
+        raise ValueError(f"{name} is empty (0 rows)")
+    if embeddings.shape[1] == 0:
+        raise ValueError(f"{name} has embedding size 0")
+    check_labels(labels, embeddings.shape[0], labels_name)
+    if not bool(torch.isfinite(embeddings).all()):
+        row = int((~torch.isfinite(embeddings).all(dim=1)).nonzero()[0, 0])
+        raise ValueError(f"{name} contains NaN or Inf (first at row {row})")
+
+
+def check_opis_settings(
+    calibration_range: tuple[float, float] | None,
+    far_range: tuple[float, float],
+    num_thresholds: int,
+    beta: float,
+    epsilon: float,
+) -> None:
+    """OPIS settings: an ordered finite ``calibration_range`` (or ``None``), FAR bounds
+    with ``0 < far_lo <= far_hi <= 1``, ``num_thresholds >= 2``, ``beta > 0`` and
+    ``0 < epsilon < 1``.
+
+    Raises:
+        ValueError: naming the offending argument.
+    """
+
+    def is_number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if calibration_range is not None:
+        if (
+            not isinstance(calibration_range, (tuple, list))
+            or len(calibration_range) != 2
+            or not all(is_number(x) and math.isfinite(x) for x in calibration_range)
+        ):
+            raise ValueError(
+                f"calibration_range must be a pair of finite numbers, got {calibration_range!r}"
+            )
+        if calibration_range[0] > calibration_range[1]:
+            raise ValueError(
+                f"calibration_range must be (low, high) with low <= high, got {calibration_range}"
+            )
+    if (
+        not isinstance(far_range, (tuple, list))
+        or len(far_range) != 2
+        or not all(is_number(x) and math.isfinite(x) for x in far_range)
+    ):
+        raise ValueError(f"far_range must be a pair of numbers, got {far_range!r}")
+    if not (0 < far_range[0] <= 1 and 0 < far_range[1] <= 1):
+        raise ValueError(f"far_range values must lie in (0, 1], got {far_range}")
+    if far_range[0] > far_range[1]:
+        raise ValueError(
+            f"far_range must be (far_lo, far_hi) with far_lo <= far_hi, got {far_range}"
+        )
+    if (
+        not isinstance(num_thresholds, int)
+        or isinstance(num_thresholds, bool)
+        or num_thresholds < 2
+    ):
+        raise ValueError(f"num_thresholds must be an integer >= 2, got {num_thresholds!r}")
+    if not is_number(beta) or not math.isfinite(beta) or beta <= 0:
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if not is_number(epsilon) or not 0 < epsilon < 1:
+        raise ValueError(f"epsilon must lie in (0, 1), got {epsilon!r}")
