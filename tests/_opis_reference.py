@@ -32,7 +32,10 @@ def naive_opis(
     same = query_labels[:, None] == reference_labels[None, :]
     pos = same & valid
     neg = ~same & valid
-    if calibration_range is None:
+    if calibration_range is None and not neg.any():
+        # documented fallback: no negative pair -> [lowest, highest] positive score
+        lo, hi = (closeness[pos].min(), closeness[pos].max()) if pos.any() else (0.0, 0.0)
+    elif calibration_range is None:
         negatives = closeness[neg]
         n_neg = negatives.size
         far_lo, far_hi = far_range
@@ -77,5 +80,13 @@ def naive_opis(
             worst = np.mean([inc[i] for i in order[:w]], axis=0)
             rest = np.mean([inc[i] for i in order[w:]], axis=0)
             eps = mean((worst - rest) ** 2)
-    return dict(lo=lo, hi=hi, grid=grid, opis=opis, eps_opis=eps, curves=np.array(curves),
-                pooled=u_all, means=np.array([mean(u) for u in curves]))
+    return dict(
+        lo=lo,
+        hi=hi,
+        grid=grid,
+        opis=opis,
+        eps_opis=eps,
+        curves=np.array(curves),
+        pooled=u_all,
+        means=np.array([mean(u) for u in curves]),
+    )
