@@ -9,8 +9,8 @@ from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from torch import Tensor
 
-from .functional import opis as opis_functional
 from .functional import validation
+from .functional.opis import OPISResult, opis
 
 
 class OPISAccuracyCalculator(AccuracyCalculator):
@@ -79,7 +79,7 @@ class OPISAccuracyCalculator(AccuracyCalculator):
         self.distance = distance
         self.chunk_size = chunk_size
         self.shard_queries = shard_queries
-        self.last_result: opis_functional.OPISResult | None = None
+        self.last_result: OPISResult | None = None
         super().__init__(**kwargs)
         if kwargs.get("label_comparison_fn") and self._opis_requested():
             raise ValueError(
@@ -101,7 +101,7 @@ class OPISAccuracyCalculator(AccuracyCalculator):
         reference: Tensor,
         reference_labels: Tensor,
         ref_includes_query: bool,
-    ) -> opis_functional.OPISResult:
+    ) -> OPISResult:
         if self.last_result is not None:
             return self.last_result
         query_labels = _integer_labels(query_labels, "query_labels")
@@ -114,7 +114,7 @@ class OPISAccuracyCalculator(AccuracyCalculator):
             start = query.shape[0] * rank // world
             end = query.shape[0] * (rank + 1) // world
         with torch.no_grad():
-            self.last_result = opis_functional.opis(
+            self.last_result = opis(
                 query[start:end],
                 query_labels[start:end],
                 reference,

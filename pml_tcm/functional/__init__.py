@@ -1,9 +1,25 @@
 """Pure tensor math of pml-tcm; imports nothing from pytorch-metric-learning."""
 
+from .opis import (
+    OPISResult,
+    OPISState,
+    cosine_similarity_scores,
+    opis,
+    opis_compute,
+    opis_update,
+    threshold_grid,
+)
 from .pairs import pair_masks, self_pair_diagonal
 from .tcm import hard_pair_masks, tcm_hard_pairs, tcm_loss, tcm_loss_and_counts
 
 __all__ = [
+    "OPISResult",
+    "OPISState",
+    "cosine_similarity_scores",
+    "opis",
+    "opis_compute",
+    "opis_update",
+    "threshold_grid",
     "hard_pair_masks",
     "pair_masks",
     "self_pair_diagonal",
