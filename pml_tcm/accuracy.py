@@ -90,6 +90,16 @@ class OPISAccuracyCalculator(AccuracyCalculator):
     def _opis_requested(self) -> bool:
         return any(m in self.get_curr_metrics() for m in ("opis", "eps_opis"))
 
+    def get_accuracy(self, query: Any, query_labels: Any, *args: Any, **kwargs: Any) -> dict:
+        """pml's ``get_accuracy``; NaN/Inf embeddings are rejected first, naming the set."""
+        reference = args[0] if args else kwargs.get("reference")
+        for name, embeddings in (("query", query), ("reference", reference)):
+            if embeddings is not None and not bool(
+                torch.isfinite(torch.as_tensor(embeddings)).all()
+            ):
+                raise ValueError(f"{name} contains NaN or Inf")
+        return super().get_accuracy(query, query_labels, *args, **kwargs)
+
     def _get_accuracy(self, function_dict: dict, **kwargs: Any) -> dict:
         self.last_result = None
         return super()._get_accuracy(function_dict, **kwargs)

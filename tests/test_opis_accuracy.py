@@ -166,8 +166,10 @@ def test_bad_inputs():
     calc = OPISAccuracyCalculator(include=("opis",), device=CPU)
     bad = x.clone()
     bad[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="queries"):
+    with pytest.raises(ValueError, match="query"):
         calc.get_accuracy(bad, y)
+    with pytest.raises(ValueError, match="reference"):
+        calc.get_accuracy(x, y, bad, y)
     with pytest.raises(ValueError, match="query_labels"):
         calc.get_accuracy(x, y + 0.5)
     with pytest.raises(ValueError):
