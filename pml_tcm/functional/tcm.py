@@ -113,7 +113,7 @@ def tcm_pair_weights(
         hard_positive, hard_negative = hard_pair_masks(
             sims, labels, ref_labels, pos_margin, neg_margin, self_offset
         )
-        num_pos, num_neg = hard_positive.sum(), hard_negative.sum()
+        num_pos, num_neg = torch.count_nonzero(hard_positive), torch.count_nonzero(hard_negative)
         pos_coef = _part_coefficient(pos_weight, num_pos, dtype)
         neg_coef = _part_coefficient(neg_weight, num_neg, dtype)
         weights = sims.zero_()  # reuse the storage: S is not needed any more
@@ -126,7 +126,7 @@ def tcm_pair_weights(
         pos_bound, neg_bound = _comparison_bounds(pos_margin, neg_margin)
         hard_pos = pos_sims <= pos_bound
         hard_neg = neg_sims >= neg_bound
-        num_pos, num_neg = hard_pos.sum(), hard_neg.sum()
+        num_pos, num_neg = torch.count_nonzero(hard_pos), torch.count_nonzero(hard_neg)
         pos_coef = _part_coefficient(pos_weight, num_pos, dtype)
         neg_coef = _part_coefficient(neg_weight, num_neg, dtype)
         weights = sims.zero_()
