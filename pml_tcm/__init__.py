@@ -1,16 +1,21 @@
 """pml-tcm: Threshold-Consistent Margin loss and OPIS for pytorch-metric-learning."""
 
 from .accuracy import OPISAccuracyCalculator
+from .calibration import CalibrationReport, calibrate_threshold
 from .miner import TCMMiner
+from .plotting import plot_utility_curves
 from .regularizer import TCMRegularizer
 from .wrapping import with_tcm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationReport",
     "OPISAccuracyCalculator",
     "TCMMiner",
     "TCMRegularizer",
+    "calibrate_threshold",
+    "plot_utility_curves",
     "with_tcm",
     "__version__",
 ]

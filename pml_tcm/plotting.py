@@ -1,0 +1,83 @@
+"""Utility-vs-threshold figure of an OPIS result (matplotlib is an optional extra)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .functional.opis import OPISResult
+
+
+def _pyplot_free_figure():
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "plot_utility_curves needs matplotlib: pip install 'pml-tcm[plot]'"
+        ) from error
+    return Figure
+
+
+def plot_utility_curves(
+    result: OPISResult,
+    ax: Any = None,
+    *,
+    class_alpha: float = 0.35,
+    class_linewidth: float = 0.8,
+    pooled_linewidth: float = 2.5,
+    title: str | None = None,
+) -> Any:
+    """Every class's utility ``U_c`` over the calibration range, with ``U_all`` on top.
+
+    The figure is built without pyplot (safe under the Agg backend and in threads);
+    nothing is shown.
+
+    Args:
+        result: an :class:`~pml_tcm.functional.opis.OPISResult`.
+        ax: a matplotlib Axes to draw on, or ``None`` for a new figure.
+        class_alpha: opacity of the per-class lines.
+        class_linewidth: width of the per-class lines.
+        pooled_linewidth: width of the bold pooled line.
+        title: axes title (default: OPIS and ε-OPIS values).
+
+    Returns:
+        The matplotlib ``Figure`` holding the axes. The axes hold one line per class
+        (label ``"class <label>"``) and then the pooled line (label ``"pooled"``).
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    if ax is None:
+        figure_class = _pyplot_free_figure()
+        figure = figure_class(figsize=(6.4, 4.2))
+        ax = figure.add_subplot()
+    else:
+        _pyplot_free_figure()
+        figure = ax.figure
+    thresholds = result.thresholds.numpy()
+    for label, curve in zip(result.classes.tolist(), result.class_utility.numpy()):
+        ax.plot(
+            thresholds,
+            curve,
+            color="tab:blue",
+            alpha=class_alpha,
+            linewidth=class_linewidth,
+            label=f"class {label}",
+        )
+    ax.plot(
+        thresholds,
+        result.pooled_utility.numpy(),
+        color="black",
+        linewidth=pooled_linewidth,
+        label="pooled",
+        zorder=3,
+    )
+    ax.set_xlabel("similarity threshold" if result.higher_is_closer else "distance threshold")
+    ax.set_ylabel(f"utility (F{result.beta:g})")
+    low, high = result.calibration_range
+    if high > low:
+        ax.set_xlim(low, high)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_title(
+        title if title is not None else f"OPIS {result.opis:.3g}, ε-OPIS {result.eps_opis:.3g}"
+    )
+    return figure
