@@ -159,8 +159,10 @@ def tcm_loss(
         ref_embeddings: ``(M, D)`` references, or ``None`` to pair the batch with itself
             (self pairs excluded).
         ref_labels: ``(M,)`` reference labels; required with ``ref_embeddings``.
-        pos_margin, neg_margin: m+ and m-.
-        pos_weight, neg_weight: lambda+ and lambda-.
+        pos_margin: m+; positive pairs with similarity at or below it are hard.
+        neg_margin: m-; negative pairs with similarity at or above it are hard.
+        pos_weight: lambda+, weight of the hard-positive part.
+        neg_weight: lambda-, weight of the hard-negative part.
         pairs: optional explicit pairs ``(a1, p, a2, n)`` (indices into the queries and
             the references); only these pairs are considered.
 
