@@ -547,7 +547,7 @@ def _guide_brackets(
     """Set each target's bracket from a histogram of a random 1/16 of the queries."""
     num_queries = stream.queries.shape[0]
     generator = torch.Generator().manual_seed(seed)
-    picked = max(min(num_queries, stream.chunk_size), num_queries // GUIDE_FRACTION)
+    picked = max(1, -(-num_queries // GUIDE_FRACTION))
     rows = torch.randperm(num_queries, generator=generator)[:picked].sort().values
     sample = stream.negatives_of_rows(rows.to(stream.queries.device), -math.inf)
     sample = sample[torch.isfinite(sample)].to(torch.float64)
