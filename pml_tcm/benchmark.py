@@ -87,7 +87,7 @@ def run_benchmark(
         panels = [
             (f"{r.config.arm_name} (seed {r.config.seed})", r.opis_result) for r in first_seed
         ]
-        figure = utility_comparison_figure(panels, split.class_names)
+        figure = utility_comparison_figure(panels)
         files.append(out / f"utility_curves_{loss_name}.png")
         figure.savefig(files[-1], dpi=120)
     if circle_results:

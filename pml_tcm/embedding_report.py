@@ -1,0 +1,240 @@
+"""``pml-tcm report``: accuracy, OPIS and a calibrated threshold for saved embeddings.
+
+For embeddings a user saved from any model (``.npy``): R@1, MAP@R, OPIS and ε-OPIS
+(through :class:`pml_tcm.OPISAccuracyCalculator`), the global threshold for a target FAR
+with the per-class FAR/FRR spread (:func:`pml_tcm.calibration.calibrate_threshold`), the
+worst classes, and the utility-curve PNG (:func:`pml_tcm.plotting.plot_utility_curves`).
+Embeddings are L2-normalised first, as pml's testers do, so every number is cosine-based.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .accuracy import OPISAccuracyCalculator
+from .calibration import CalibrationReport, calibrate_threshold
+from .functional.opis import OPISResult
+
+REPORT_METRICS = ("precision_at_1", "mean_average_precision_at_r", "opis", "eps_opis")
+
+
+class ReportInputError(ValueError):
+    """A file given to ``report`` is missing or malformed; the message is one line."""
+
+
+@dataclass
+class EmbeddingReport:
+    """Everything ``pml-tcm report`` computes.
+
+    Attributes:
+        metrics: :data:`REPORT_METRICS` values.
+        opis_result: the OPIS result (per-class utility curves).
+        calibration: the threshold for the target FAR and its per-class FAR/FRR.
+        num_queries: number of query embeddings.
+        num_references: number of reference embeddings (the queries when no reference
+            set is given).
+    """
+
+    metrics: dict[str, float]
+    opis_result: OPISResult
+    calibration: CalibrationReport
+    num_queries: int
+    num_references: int
+
+    def worst_classes(self, count: int) -> list[tuple[int, float, float, float]]:
+        """``(label, mean utility, FAR, FRR)`` of the ``count`` classes with the lowest
+        mean utility ``⟨U_c⟩`` over the calibration range."""
+        result, calibration = self.opis_result, self.calibration
+        rates = {
+            int(label): (float(far), float(frr))
+            for label, far, frr in zip(
+                calibration.classes.tolist(), calibration.class_far, calibration.class_frr
+            )
+        }
+        order = torch.argsort(result.mean_class_utility, stable=True)[:count]
+        rows = []
+        for index in order.tolist():
+            label = int(result.classes[index])
+            far, frr = rates.get(label, (float("nan"), float("nan")))
+            rows.append((label, float(result.mean_class_utility[index]), far, frr))
+        return rows
+
+    def text(self, worst: int) -> str:
+        """The report as printed by the CLI."""
+        result = self.opis_result
+        low, high = result.calibration_range
+        lines = [
+            f"{self.num_queries} queries vs {self.num_references} references, "
+            f"{len(result.classes)} classes",
+            f"R@1       {self.metrics['precision_at_1']:.4f}",
+            f"MAP@R     {self.metrics['mean_average_precision_at_r']:.4f}",
+            f"OPIS      {self.metrics['opis']:.4g}  (calibration range: similarity "
+            f"{low:.4f} .. {high:.4f})",
+            f"eps-OPIS  {self.metrics['eps_opis']:.4g}  (epsilon {result.epsilon:g})",
+            "",
+            self.calibration.summary(),
+            "",
+            "worst classes (lowest mean utility over the calibration range):",
+            "| class | mean utility | FAR | FRR |",
+            "|---|---|---|---|",
+        ]
+        for label, utility, far, frr in self.worst_classes(worst):
+            lines.append(f"| {label} | {utility:.4f} | {far:.4%} | {frr:.4%} |")
+        return "\n".join(lines)
+
+
+def load_embeddings(path: Path, what: str) -> np.ndarray:
+    """An ``(N, D)`` finite float array from a ``.npy`` file.
+
+    Raises:
+        ReportInputError: missing/unreadable file, wrong shape or dtype, NaN/Inf.
+    """
+    array = _load_npy(path, what)
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise ReportInputError(
+            f"{what} {path} must be a non-empty (N, D) array, got shape {array.shape}"
+        )
+    if array.dtype.kind not in "fiu":
+        raise ReportInputError(f"{what} {path} must hold numbers, got dtype {array.dtype}")
+    array = array.astype(np.float32 if array.dtype != np.float64 else np.float64)
+    bad = ~np.isfinite(array)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise ReportInputError(f"{what} {path} contains NaN or Inf (first at row {row})")
+    if (np.linalg.norm(array, axis=1) == 0).any():
+        row = int(np.flatnonzero(np.linalg.norm(array, axis=1) == 0)[0])
+        raise ReportInputError(f"{what} {path} has an all-zero row ({row}); it has no direction")
+    return array
+
+
+def load_labels(path: Path, what: str, expected: int) -> np.ndarray:
+    """An ``(expected,)`` integer array from a ``.npy`` file.
+
+    Raises:
+        ReportInputError: missing/unreadable file, wrong shape or length, not integers.
+    """
+    array = _load_npy(path, what)
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 1:
+        raise ReportInputError(f"{what} {path} must be a 1-D array, got shape {array.shape}")
+    if array.dtype.kind not in "iu":
+        raise ReportInputError(f"{what} {path} must hold integers, got dtype {array.dtype}")
+    if array.shape[0] != expected:
+        raise ReportInputError(
+            f"{what} {path} has {array.shape[0]} labels but there are {expected} embeddings"
+        )
+    return array.astype(np.int64)
+
+
+def compute_report(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    reference: np.ndarray | None = None,
+    reference_labels: np.ndarray | None = None,
+    far_range: tuple[float, float] = (1e-3, 1e-2),
+    target_far: float = 1e-3,
+) -> EmbeddingReport:
+    """The report for in-memory arrays (see :func:`report_embeddings`).
+
+    Without a reference set the embeddings are their own references, self pairs
+    excluded.
+
+    Raises:
+        ValueError: bad settings or sets (e.g. a single class: no negative pair).
+    """
+    queries = torch.nn.functional.normalize(torch.as_tensor(embeddings), dim=1)
+    query_labels = torch.as_tensor(labels)
+    if reference is None:
+        references, ref_labels, ref_includes_query = queries, query_labels, True
+    else:
+        if reference.shape[1] != embeddings.shape[1]:
+            raise ReportInputError(
+                f"reference has embedding size {reference.shape[1]}, embeddings "
+                f"{embeddings.shape[1]}"
+            )
+        references = torch.nn.functional.normalize(torch.as_tensor(reference), dim=1)
+        references = references.to(queries.dtype)
+        ref_labels, ref_includes_query = torch.as_tensor(reference_labels), False
+    calculator = OPISAccuracyCalculator(
+        far_range=far_range, include=REPORT_METRICS, k="max_bin_count"
+    )
+    accuracies = calculator.get_accuracy(
+        queries, query_labels, references, ref_labels, ref_includes_query
+    )
+    calibration = calibrate_threshold(
+        queries,
+        query_labels,
+        None if reference is None else references,
+        None if reference is None else ref_labels,
+        target_far=target_far,
+    )
+    return EmbeddingReport(
+        {name: float(accuracies[name]) for name in REPORT_METRICS},
+        calculator.last_result,
+        calibration,
+        len(queries),
+        len(references),
+    )
+
+
+def report_embeddings(
+    embeddings: Path,
+    labels: Path,
+    reference: Path | None = None,
+    reference_labels: Path | None = None,
+    far_range: tuple[float, float] = (1e-3, 1e-2),
+    target_far: float = 1e-3,
+    worst: int = 5,
+    out: Path = Path("report_out"),
+) -> EmbeddingReport:
+    """Load the files, print the report, write ``report.md`` and ``utility_curves.png``
+    into ``out``.
+
+    Raises:
+        ReportInputError: a file is missing or malformed, or only one of ``reference``
+            and ``reference_labels`` is given.
+        ValueError: bad settings.
+    """
+    if (reference is None) != (reference_labels is None):
+        raise ReportInputError("give --reference and --reference-labels together")
+    if worst < 1:
+        raise ReportInputError(f"--worst must be positive, got {worst}")
+    query = load_embeddings(Path(embeddings), "embeddings")
+    query_labels = load_labels(Path(labels), "labels", len(query))
+    ref = ref_labels = None
+    if reference is not None:
+        ref = load_embeddings(Path(reference), "reference")
+        ref_labels = load_labels(Path(reference_labels), "reference labels", len(ref))
+    report = compute_report(query, query_labels, ref, ref_labels, far_range, target_far)
+    from .plotting import plot_utility_curves
+
+    text = report.text(worst)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(text + "\n")
+    figure = plot_utility_curves(report.opis_result)
+    figure.tight_layout()
+    figure.savefig(out / "utility_curves.png", dpi=120)
+    print(text)
+    print(f"\nwrote {out / 'report.md'}\nwrote {out / 'utility_curves.png'}")
+    return report
+
+
+def _load_npy(path: Path, what: str) -> np.ndarray:
+    if not path.is_file():
+        raise ReportInputError(f"{what} file {path} does not exist")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ReportInputError(f"cannot read {what} file {path} as .npy: {reason}") from error
+    if not isinstance(array, np.ndarray):
+        raise ReportInputError(
+            f"{what} file {path} holds several arrays (.npz); save one with np.save"
+        )
+    return array
