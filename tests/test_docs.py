@@ -1,0 +1,192 @@
+"""Every ```python block of docs/**/*.md and README.md runs.
+
+The blocks of one page run in order in one namespace (a later block may use names from
+an earlier one), in a temporary working directory. A block opts out only with the
+marker ``<!-- skip-test: reason -->`` on the last non-blank line before its opening
+fence. Blocks in other languages (bash, text, ...) are never run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PYTHON_LANGUAGES = {"python", "py", "python3"}
+FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
+SKIP = re.compile(r"^\s*<!--\s*skip-test:\s*(?P<reason>\S.*?)\s*-->\s*$")
+SKIP_PREFIX = re.compile(r"<!--\s*skip-test")
+
+
+@dataclass
+class Block:
+    path: Path
+    line: int  # 1-based line of the opening fence
+    language: str
+    code: str
+    skip_reason: str | None
+
+
+def markdown_pages() -> list[Path]:
+    pages = sorted(DOCS.rglob("*.md"))
+    readme = ROOT / "README.md"
+    if readme.is_file():
+        pages.append(readme)
+    return pages
+
+
+def code_blocks(path: Path) -> list[Block]:
+    """Fenced code blocks of a Markdown file (indented fences, e.g. in admonitions, too)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    blocks = []
+    i = 0
+    last_text = ""  # last non-blank line before the current position
+    while i < len(lines):
+        opening = FENCE.match(lines[i])
+        if opening is None:
+            if lines[i].strip():
+                last_text = lines[i]
+            i += 1
+            continue
+        indent, fence = opening["indent"], opening["fence"]
+        info = opening["info"].strip().lstrip("{").strip()
+        language = info.split()[0].lstrip(".").lower() if info else ""
+        body = []
+        j = i + 1
+        while j < len(lines):
+            closing = FENCE.match(lines[j])
+            if (
+                closing
+                and closing["fence"][0] == fence[0]
+                and len(closing["fence"]) >= len(fence)
+                and not closing["info"].strip()
+            ):
+                break
+            body.append(lines[j])
+            j += 1
+        code = textwrap.dedent("\n".join(body)) if indent else "\n".join(body)
+        skip = SKIP.match(last_text)
+        blocks.append(Block(path, i + 1, language, code, skip["reason"] if skip else None))
+        last_text = lines[j] if j < len(lines) else ""
+        i = j + 1
+    return blocks
+
+
+def python_blocks(path: Path) -> list[Block]:
+    return [b for b in code_blocks(path) if b.language in PYTHON_LANGUAGES]
+
+
+PAGES_WITH_PYTHON = [p for p in markdown_pages() if python_blocks(p)]
+
+
+def _page_id(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+@pytest.mark.parametrize("page", PAGES_WITH_PYTHON, ids=_page_id)
+def test_python_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": f"docs_{page.stem.replace('-', '_')}"}
+    for block in python_blocks(page):
+        if block.skip_reason is not None:
+            continue
+        where = f"{_page_id(page)}:{block.line}"
+        try:
+            compiled = compile(block.code, where, "exec")
+        except SyntaxError as error:
+            pytest.fail(f"{where}: python block does not compile: {error}")
+        try:
+            exec(compiled, namespace)
+        except Exception as error:  # noqa: BLE001 - report which block failed
+            raise AssertionError(f"{where}: python block raised {error!r}") from error
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def test_collector_finds_the_pages() -> None:
+    pages = {_page_id(p) for p in PAGES_WITH_PYTHON}
+    assert "docs/index.md" in pages
+    assert "docs/concepts.md" in pages
+    assert sum(len(python_blocks(p)) for p in PAGES_WITH_PYTHON) >= 10
+
+
+def test_skip_markers_are_well_formed_and_sparing() -> None:
+    """Every skip marker names a reason and sits right before a code block."""
+    skipped = []
+    for page in markdown_pages():
+        lines = page.read_text(encoding="utf-8").splitlines()
+        marked = {n for n, line in enumerate(lines, 1) if SKIP_PREFIX.search(line)}
+        for n in marked:
+            assert SKIP.match(lines[n - 1]), f"{_page_id(page)}:{n}: skip marker needs a reason"
+        used = set()
+        for block in code_blocks(page):
+            if block.skip_reason is not None:
+                # the marker is the last non-blank line before the fence
+                k = block.line - 1
+                while not lines[k - 1].strip():
+                    k -= 1
+                used.add(k)
+                skipped.append(f"{_page_id(page)}:{block.line}")
+        assert marked == used, f"{_page_id(page)}: skip marker not followed by a code block"
+    python = [b for p in markdown_pages() for b in python_blocks(p)]
+    python_skipped = [b for b in python if b.skip_reason is not None]
+    assert len(python_skipped) <= max(3, len(python) // 5), f"too many skipped blocks: {skipped}"
+
+
+def test_collector_parses_fences_and_markers(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "text\n\n```python\na = 1\n```\n\n<!-- skip-test: needs 2 processes -->\n\n"
+        "```python\nraise SystemExit\n```\n\n```bash\nexit 1\n```\n\n"
+        "!!! note\n    ```py\n    b = a + 1\n    ```\n\n````markdown\n```python\nx\n```\n````\n",
+        encoding="utf-8",
+    )
+    blocks = code_blocks(page)
+    assert [b.language for b in blocks] == ["python", "python", "bash", "py", "markdown"]
+    assert [b.skip_reason for b in blocks] == [None, "needs 2 processes", None, None, None]
+    assert blocks[3].code == "b = a + 1"
+    assert blocks[4].code == "```python\nx\n```"
+
+
+def test_every_public_name_is_in_the_api_reference() -> None:
+    import pml_tcm
+    import pml_tcm.functional
+
+    reference = "\n".join(p.read_text(encoding="utf-8") for p in (DOCS / "reference").glob("*.md"))
+    directives = re.findall(r"^::: *(\S+)", reference, flags=re.MULTILINE)
+    documented_members = set(re.findall(r"members: *\[([^\]]*)\]", reference))
+    members = {m.strip() for group in documented_members for m in group.split(",")}
+    names = {d.rsplit(".", 1)[-1] for d in directives} | members
+    for name in pml_tcm.__all__:
+        if name != "__version__":
+            assert name in names, f"pml_tcm.{name} is missing from docs/reference"
+    for name in pml_tcm.functional.__all__:
+        assert name in names, f"pml_tcm.functional.{name} is missing from docs/reference"
+
+
+def test_mkdocs_build_strict(tmp_path: Path) -> None:
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings_handlers.python")
+    run = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    warnings = [line for line in run.stderr.splitlines() if line.startswith("WARNING")]
+    assert not warnings, "\n".join(warnings)
