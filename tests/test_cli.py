@@ -1,0 +1,154 @@
+"""The pml-tcm command line: demo code path, report values, and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pml_tcm.cli import main
+from pml_tcm.embedding_report import compute_report
+
+
+@pytest.fixture(scope="module")
+def saved_embeddings(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("emb")
+    rng = np.random.RandomState(0)
+    labels = np.repeat(np.arange(6), 30)
+    centres = rng.randn(6, 8)
+    embeddings = (centres[labels] + 0.9 * rng.randn(labels.size, 8)).astype(np.float32)
+    np.save(folder / "emb.npy", embeddings)
+    np.save(folder / "labels.npy", labels)
+    return folder, embeddings, labels
+
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+def _brute_force_r_at_1(embeddings, labels, reference=None, reference_labels=None):
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    if reference is None:
+        sims = unit @ unit.T
+        np.fill_diagonal(sims, -np.inf)
+        reference_labels = labels
+    else:
+        ref = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+        sims = unit @ ref.T
+    return float(np.mean(reference_labels[sims.argmax(axis=1)] == labels))
+
+
+def _brute_force_far_threshold(embeddings, labels, target_far):
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    negatives = np.sort(sims[labels[:, None] != labels[None, :]])[::-1]
+    k = max(1, int(np.ceil(target_far * negatives.size - 1e-9)))
+    return negatives[k - 1]
+
+
+def test_report_values_match_brute_force(saved_embeddings, tmp_path, capsys):
+    folder, embeddings, labels = saved_embeddings
+    code = main(
+        ["report", str(folder / "emb.npy"), str(folder / "labels.npy"), "--out", str(tmp_path)]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    expected = _brute_force_r_at_1(embeddings, labels)
+    assert f"R@1       {expected:.4f}" in printed
+    assert "worst classes" in printed and "threshold" in printed
+    assert (tmp_path / "utility_curves.png").stat().st_size > 0
+    assert (tmp_path / "report.md").read_text().startswith("180 queries vs 180 references")
+
+    report = compute_report(embeddings, labels, target_far=0.01)
+    assert report.metrics["precision_at_1"] == pytest.approx(expected)
+    assert report.calibration.threshold == pytest.approx(
+        _brute_force_far_threshold(embeddings, labels, 0.01), abs=1e-5
+    )
+    assert report.metrics["opis"] >= 0.0 and report.metrics["eps_opis"] >= 0.0
+    worst = report.worst_classes(3)
+    utilities = [row[1] for row in worst]
+    assert utilities == sorted(utilities) and len(worst) == 3
+
+
+def test_report_with_reference_set(saved_embeddings, tmp_path, capsys):
+    folder, embeddings, labels = saved_embeddings
+    query, reference = embeddings[::2], embeddings[1::2]
+    np.save(tmp_path / "q.npy", query)
+    np.save(tmp_path / "ql.npy", labels[::2])
+    np.save(tmp_path / "r.npy", reference)
+    np.save(tmp_path / "rl.npy", labels[1::2])
+    args = ["report", str(tmp_path / "q.npy"), str(tmp_path / "ql.npy")]
+    args += ["--reference", str(tmp_path / "r.npy"), "--reference-labels", str(tmp_path / "rl.npy")]
+    assert main(args + ["--out", str(tmp_path / "out"), "--target-far", "0.01"]) == 0
+    expected = _brute_force_r_at_1(query, labels[::2], reference, labels[1::2])
+    assert f"R@1       {expected:.4f}" in capsys.readouterr().out
+
+
+def _bad_inputs(tmp_path, embeddings, labels):
+    """(name, files written, extra args, phrase expected in the error)."""
+    nan = embeddings.copy()
+    nan[3, 1] = np.nan
+    return [
+        ("missing", {}, [], "does not exist"),
+        ("not_npy", {"emb.npy": b"not a numpy file"}, [], "cannot read"),
+        ("wrong_shape", {"emb.npy": embeddings[:, 0]}, [], "(N, D)"),
+        ("nan", {"emb.npy": nan}, [], "NaN"),
+        ("length", {"labels.npy": labels[:-1]}, [], "labels"),
+        ("float_labels", {"labels.npy": labels.astype(np.float32) + 0.5}, [], "integers"),
+        ("text_array", {"emb.npy": np.array([["a", "b"]])}, [], "numbers"),
+        ("reference_alone", {}, ["--reference", "REF"], "together"),
+        ("bad_far", {}, ["--target-far", "2"], "target_far"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(9))
+def test_report_bad_input_is_one_line_and_exit_2(saved_embeddings, tmp_path, capsys, case):
+    folder, embeddings, labels = saved_embeddings
+    name, files, extra, phrase = _bad_inputs(tmp_path, embeddings, labels)[case]
+    emb, lab = folder / "emb.npy", folder / "labels.npy"
+    if name == "missing":
+        emb = tmp_path / "absent.npy"
+    for filename, content in files.items():
+        path = tmp_path / filename
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            np.save(path, content)
+        emb, lab = (path, lab) if filename == "emb.npy" else (emb, path)
+    extra = [str(emb) if a == "REF" else a for a in extra]
+    code = main(["report", str(emb), str(lab), "--out", str(tmp_path / "out"), *extra])
+    assert code == 2, name
+    line = _one_error_line(capsys)
+    assert line.startswith("pml-tcm report: error:") and phrase in line, line
+
+
+def test_missing_dataset_is_one_line_and_exit_2(tmp_path, capsys):
+    code = main(["demo", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path)])
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert "apt-get install dataset-fashion-mnist" in line and "--data-dir" in line
+
+
+def test_demo_quick_on_digits_writes_table_and_figures(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--quick", "--embedding-size", "16", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| MultiSimilarity | change |" in printed and "| ArcFace | change |" in printed
+    table = (out / "results.md").read_text()
+    assert table.count("\n") == 8 and "OPIS" in table
+    for name in ("utility_curves_multisimilarity", "utility_curves_arcface", "embedding_circle"):
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_python_dash_m_entry_point():
+    completed = subprocess.run(
+        [sys.executable, "-m", "pml_tcm", "--help"], capture_output=True, text=True, check=False
+    )
+    assert completed.returncode == 0 and "demo" in completed.stdout and "report" in completed.stdout
