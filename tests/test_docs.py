@@ -190,3 +190,18 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-4000:]
     warnings = [line for line in run.stderr.splitlines() if line.startswith("WARNING")]
     assert not warnings, "\n".join(warnings)
+
+
+def test_every_cli_option_is_in_the_cli_reference() -> None:
+    from pml_tcm.cli import build_parser
+
+    page = (DOCS / "reference" / "cli.md").read_text(encoding="utf-8")
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, subparser in subcommands.items():
+        assert f"`pml-tcm {name}`" in page, f"pml-tcm {name} is missing from the CLI reference"
+        for action in subparser._actions:
+            if action.dest == "help":
+                continue
+            shown = action.option_strings[-1] if action.option_strings else action.dest
+            assert f"`{shown}" in page, f"pml-tcm {name} {shown} is missing from the CLI reference"

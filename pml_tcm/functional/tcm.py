@@ -9,7 +9,7 @@ similarity ``S_ij``::
 An empty part is 0; the counts are constants for the gradient. Similarities are
 compared as values in [-1, 1]: ``m+ = 1`` makes every positive pair hard and ``m- = -1``
 every negative pair, whatever the rounding of an identical pair. Everything is computed
-from one similarity matrix: memory is O(N*M) scalars, never O(N*M*D), and nothing is
+from one similarity matrix: memory is ``O(N*M)`` scalars, never ``O(N*M*D)``, and nothing is
 read back to the host, so the term runs under ``torch.compile`` without graph breaks.
 """
 
