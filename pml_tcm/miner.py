@@ -58,12 +58,22 @@ class TCMMiner(BaseMiner):
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Args as pml miners: ``embeddings (N, D)``, ``labels (N,)``, optional
-        ``ref_emb (M, D)``, ``ref_labels (M,)``.
+        """The hard pairs of one batch; called like a pml miner.
+
+        Args:
+            embeddings: ``(N, D)`` floating-point embeddings.
+            labels: ``(N,)`` integer labels.
+            ref_emb: optional ``(M, D)`` reference embeddings (default: the batch,
+                self pairs excluded).
+            ref_labels: ``(M,)`` reference labels, required with ``ref_emb``.
 
         Returns:
             ``(a1, p, a2, n)``: int64 index tensors of the hard positive pairs
             ``(a1[k], p[k])`` and hard negative pairs ``(a2[k], n[k])``.
+
+        Raises:
+            ValueError: bad embeddings or labels (shapes; NaN/Inf or zero-norm rows when
+                ``check_inputs``).
         """
         # Our checks first, so that bad input gets our messages, not pml's asserts.
         _pml_checks.prepare_batch(

@@ -91,11 +91,23 @@ class TCMRegularizer(BaseRegularizer):
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
     ) -> Tensor:
-        """Args as pml losses: ``embeddings (N, D)``, ``labels (N,)``, optional pairs or
-        triplets ``indices_tuple``, ``ref_emb (M, D)`` and ``ref_labels (M,)``.
+        """The TCM term of one batch; called like a pml loss.
+
+        Args:
+            embeddings: ``(N, D)`` floating-point embeddings.
+            labels: ``(N,)`` integer labels; ``None`` only when called by a
+                :func:`pml_tcm.with_tcm` loss, which supplies them.
+            indices_tuple: optional pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``;
+                only these pairs are considered.
+            ref_emb: optional ``(M, D)`` reference embeddings.
+            ref_labels: ``(M,)`` reference labels, required with ``ref_emb``.
 
         Returns:
             The reduced (0-dim) TCM term.
+
+        Raises:
+            ValueError: no labels outside :func:`pml_tcm.with_tcm`, or bad embeddings or
+                labels (shapes; NaN/Inf or zero-norm rows when ``check_inputs``).
         """
         self.reset_stats()
         if labels is None:
