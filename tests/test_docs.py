@@ -92,11 +92,18 @@ def _page_id(path: Path) -> str:
 
 
 @pytest.mark.parametrize("page", PAGES_WITH_PYTHON, ids=_page_id)
-def test_python_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_python_blocks_run(
+    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    import logging
+
     import matplotlib
 
     matplotlib.use("Agg")
     monkeypatch.chdir(tmp_path)
+    # pages may quieten pml's logging; give the next tests the level they had
+    root = logging.getLogger()
+    request.addfinalizer(lambda level=root.level: root.setLevel(level))
     namespace: dict[str, object] = {"__name__": f"docs_{page.stem.replace('-', '_')}"}
     for block in python_blocks(page):
         if block.skip_reason is not None:
