@@ -58,8 +58,9 @@ Exact FAR thresholds
 --------------------
 The k-th largest negative score is found without holding all pairs:
 
-1. *Guide* (only when there are more negatives than ``collect_limit``): the scores of a
-   random 1/16 of the queries (at least one chunk) are histogrammed; the bins around the
+1. *Guide* (only when there are more negatives than ``collect_limit``): an evenly
+   strided sample of at most 2^23 negative scores of a random 1/16 of the queries is
+   histogrammed; the bins around the
    target rank, widened by a 6σ sampling margin and one bin for rounding, give a bracket
    ``[lo, hi)``.
 2. *Exact pass*: one pass over all chunks counts the negatives ``>= hi`` and collects the
@@ -105,6 +106,7 @@ MAX_CHUNK_ROWS = 4096
 GUIDE_FRACTION = 16
 GUIDE_BINS = 1 << 16
 PIVOTS = 255
+GUIDE_BUDGET = 1 << 23
 
 
 def cosine_similarity_scores(queries: Tensor, references: Tensor) -> Tensor:
@@ -186,8 +188,11 @@ class _PairStream:
             rows, values, is_positive = rows[keep], values[keep], is_positive[keep]
         return values, self.query_class[start + rows], is_positive
 
-    def negatives_of_rows(self, rows: Tensor, floor: float) -> Tensor:
-        """Negative scores ``>= floor`` of the given query rows (guide only)."""
+    def negatives_of_rows(self, rows: Tensor, budget: int) -> Tensor:
+        """About ``budget`` negative scores of the given query rows, evenly strided
+        (guide only; at most ``budget`` values are ever held)."""
+        per_row = max(1, self.references.shape[0])
+        stride = max(1, -(-rows.shape[0] * per_row // budget))
         out = []
         for start in range(0, rows.shape[0], self.chunk_size):
             picked = rows[start : start + self.chunk_size]
@@ -195,7 +200,8 @@ class _PairStream:
             if not self.higher_is_closer:
                 scores = scores.neg()
             negative = self.query_labels[picked].unsqueeze(1) != self.reference_labels
-            out.append(scores[negative & (scores >= floor)])
+            out.append(scores[negative][::stride].clone())
+            del scores, negative
         return torch.cat(out) if out else self.queries.new_zeros(0)
 
 
@@ -549,7 +555,7 @@ def _guide_brackets(
     generator = torch.Generator().manual_seed(seed)
     picked = max(1, -(-num_queries // GUIDE_FRACTION))
     rows = torch.randperm(num_queries, generator=generator)[:picked].sort().values
-    sample = stream.negatives_of_rows(rows.to(stream.queries.device), -math.inf)
+    sample = stream.negatives_of_rows(rows.to(stream.queries.device), GUIDE_BUDGET)
     sample = sample[torch.isfinite(sample)].to(torch.float64)
     bounds = torch.tensor(
         [
@@ -647,7 +653,7 @@ def _far_closeness_thresholds(
                         piece, minlength=target.pivots.numel() + 1
                     )
                 elif collected_size[j] <= collect_limit:
-                    collected[j].append(inside)
+                    collected[j].append(inside.to(dtype))
                     collected_size[j] += inside.shape[0]
         _all_reduce(counts, distributed)
         _all_reduce(extremes, distributed, "min")
