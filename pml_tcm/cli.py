@@ -128,7 +128,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     from .benchmark import run_benchmark
     from .data import load_split
-    from .experiment import ArmConfig
+    from .experiment import ArmConfig, make_accuracy_calculator
 
     _check_positive(args, ("batch_size", "embedding_size", "epochs", "max_batches", "threads"))
     split = load_split(args.dataset, args.data_dir)
@@ -149,6 +149,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         tcm_miner=args.tcm_miner,
         far_range=tuple(args.far_range),
     )
+    make_accuracy_calculator(base)  # rejects bad OPIS settings before any training
     print(
         f"{split.name}: train on classes {sorted(set(split.train_y.tolist()))} "
         f"({len(split.train_y)} samples), evaluate on unseen classes "
