@@ -30,7 +30,7 @@ def embedding_circle_figure(
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(5 * len(panels), 5))
+    figure = Figure(figsize=(5 * len(panels), 5.3), layout="constrained")
     axes = figure.subplots(1, len(panels), squeeze=False)
     colours = colormaps["tab10"]
     for axis, (title, embeddings, labels) in zip(axes[0], panels, strict=True):
@@ -59,5 +59,4 @@ def embedding_circle_figure(
         axis.set_xticks([])
         axis.set_yticks([])
         axis.legend(loc="center", fontsize=8, markerscale=2, frameon=False)
-    figure.tight_layout()
     return figure
