@@ -1,17 +1,15 @@
 """The open-world experiment: train on seen classes with pml, evaluate OPIS on unseen ones.
 
-One *arm* is one (base loss, with or without TCM, seed) run:
+One *arm* is one (base loss, with or without TCM, seed) run. The base losses are
+``losses.MultiSimilarityLoss`` (``"multisimilarity"``) and ``losses.ArcFaceLoss``
+(``"arcface"``), both trained with ``trainers.MetricLossOnly``: ArcFaceLoss is a pml
+metric loss that owns its class-weight matrix, trained through a
+``metric_loss_optimizer``. (``trainers.TrainWithClassifier`` adds a *separate*
+``classifier`` model with a ``classifier_loss`` on its logits, e.g. cross-entropy;
+without one it is MetricLossOnly.)
 
-* ``"multisimilarity"``: ``losses.MultiSimilarityLoss``;
-* ``"arcface"``: ``losses.ArcFaceLoss``;
-
-both trained with ``trainers.MetricLossOnly``. ArcFaceLoss is a pml metric loss that owns
-its class-weight matrix; pml trains that matrix through a ``metric_loss_optimizer``.
-(``trainers.TrainWithClassifier`` adds a *separate* ``classifier`` model with a
-``classifier_loss`` on its logits, e.g. cross-entropy; without one it is MetricLossOnly.)
-
-with TCM added by :func:`pml_tcm.with_tcm` (and optionally :class:`pml_tcm.TCMMiner` as
-the trainer's ``tuple_miner``). Batches come from pml's ``MPerClassSampler`` driven by a
+TCM is added by :func:`pml_tcm.with_tcm` (and optionally :class:`pml_tcm.TCMMiner` as the
+trainer's ``tuple_miner``). Batches come from pml's ``MPerClassSampler`` driven by a
 seeded ``c_f.NUMPY_RANDOM``, so a seed fixes the data order and the initial weights.
 Evaluation uses ``testers.GlobalEmbeddingSpaceTester`` with
 :class:`pml_tcm.OPISAccuracyCalculator` on the unseen classes (query = reference).
