@@ -118,8 +118,15 @@ def median_times(methods: list[str], n: int, reps: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 2048, 4096, 16384])
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
     parser.add_argument("--memory-child", nargs=2, metavar=("METHOD", "N"))
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         peak_memory_child(args.memory_child[0], int(args.memory_child[1]))
         return
