@@ -59,7 +59,7 @@ Exact FAR thresholds
 The k-th largest negative score is found without holding all pairs:
 
 1. *Guide* (only when there are more negatives than ``collect_limit``): an evenly
-   strided sample of at most 2^23 negative scores of a random 1/16 of the queries is
+   strided sample of about 2^21 scores (negatives kept) of a random 1/16 of the queries is
    histogrammed; the bins around the
    target rank, widened by a 6σ sampling margin and one bin for rounding, give a bracket
    ``[lo, hi)``.
@@ -106,7 +106,7 @@ MAX_CHUNK_ROWS = 4096
 GUIDE_FRACTION = 16
 GUIDE_BINS = 1 << 16
 PIVOTS = 255
-GUIDE_BUDGET = 1 << 23
+GUIDE_BUDGET = 1 << 21
 
 
 def cosine_similarity_scores(queries: Tensor, references: Tensor) -> Tensor:
@@ -135,8 +135,53 @@ def default_chunk_size(num_references: int) -> int:
 # --------------------------------------------------------------------------- data stream
 
 
+@dataclass
+class _ChunkPairs:
+    """The pairs of query rows ``[start, end)`` whose score is ``>= floor``.
+
+    ``values`` holds every such pair (positive, negative and self pair alike) in row-major
+    order, ``row_counts`` how many of them each query row has: the class of a pair is the
+    class of its row, so no per-pair label is stored. The positive pairs (same label, not
+    the self pair) and the self pairs are gathered directly by position and kept apart, so
+    the negatives are ``values`` minus both (counted, never separated).
+
+    Attributes:
+        start: first query row.
+        end: one past the last query row.
+        values: ``(P,)`` scores of all pairs ``>= floor`` (never NaN).
+        row_counts: ``(end - start,)`` int64, pairs of ``values`` per query row.
+        positive_values: scores of the positive pairs ``>= floor``.
+        positive_rows: ``(len(positive_values),)`` int64 rows (relative to ``start``).
+        self_values: scores of the self pairs ``>= floor``.
+        self_rows: int64 rows of the self pairs (relative to ``start``).
+        positions: ``(P,)`` int64 ``row · M + column`` of ``values`` (relative rows), or
+            ``None`` once dropped (only the FAR search needs it).
+    """
+
+    start: int
+    end: int
+    values: Tensor
+    row_counts: Tensor
+    positive_values: Tensor
+    positive_rows: Tensor
+    self_values: Tensor
+    self_rows: Tensor
+    positions: Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        """Stored scores (all pairs, positives and self pairs)."""
+        return self.values.numel() + self.positive_values.numel() + self.self_values.numel()
+
+
 class _PairStream:
-    """The query chunks of one rank against the full reference set."""
+    """The query chunks of one rank against the full reference set.
+
+    With the default :func:`cosine_similarity_scores` the references are normalized once
+    and every block is written into one reused buffer (a fresh block per chunk costs page
+    faults comparable to the matrix product itself); the values are bit-equal to calling
+    the score function on the chunk. Any other ``score_fn`` is called per chunk.
+    """
 
     def __init__(
         self,
@@ -160,16 +205,139 @@ class _PairStream:
         self.score_fn = score_fn
         self.higher_is_closer = higher_is_closer
         self.chunk_size = chunk_size
+        self._normalized_references: Tensor | None = None
+        self._score_buffer: Tensor | None = None
+        self._mask_buffer: Tensor | None = None
+        self._same_label_layout: tuple[Tensor, Tensor, Tensor] | None = None
+
+    @property
+    def num_references(self) -> int:
+        return self.references.shape[0]
 
     def scores(self, start: int, end: int) -> Tensor:
-        block = self.score_fn(self.queries[start:end], self.references)
-        if not self.higher_is_closer:
-            block = block.neg()
-        return block
+        """A fresh ``(end - start, M)`` closeness block of queries ``[start, end)``."""
+        return self._closeness(self.queries[start:end], reuse_buffer=False)
 
     def chunks(self) -> Iterator[tuple[int, int]]:
         for start in range(0, self.queries.shape[0], self.chunk_size):
             yield start, min(start + self.chunk_size, self.queries.shape[0])
+
+    def _closeness(self, queries: Tensor, reuse_buffer: bool = True) -> Tensor:
+        """Closeness of ``queries`` (at most ``chunk_size`` rows) against the references,
+        contiguous; with ``reuse_buffer`` it may live in a buffer that the next call
+        overwrites."""
+        rows = queries.shape[0]
+        if self.score_fn is cosine_similarity_scores and reuse_buffer:
+            if self._normalized_references is None:
+                self._normalized_references = F.normalize(self.references, dim=1)
+            references = self._normalized_references
+            if self._score_buffer is None:
+                size = self.chunk_size * self.num_references
+                self._score_buffer = references.new_empty(size)
+            block = self._score_buffer[: rows * self.num_references].view(rows, -1)
+            # the same product as cosine_similarity_scores: F.normalize(q) @ F.normalize(r).T
+            torch.mm(F.normalize(queries, dim=1), references.T, out=block)
+            if not self.higher_is_closer:
+                block.neg_()
+            return block
+        block = self.score_fn(queries, self.references)
+        return (block if self.higher_is_closer else block.neg()).contiguous()
+
+    def _positions_at_or_above(self, block: Tensor, floor: float) -> Tensor:
+        """Row-major positions (``row · M + column``) of the entries ``>= floor``; NaN never
+        passes. One compare into a reused mask, then ``nonzero`` over the mask read as
+        64-bit words (eight entries each) and over the few words that hold a hit."""
+        count = block.numel()
+        padded = -(-count // 8) * 8
+        if self._mask_buffer is None or self._mask_buffer.numel() < padded:
+            capacity = max(padded, -(-self.chunk_size * self.num_references // 8) * 8)
+            self._mask_buffer = torch.empty(capacity, dtype=torch.bool, device=block.device)
+        mask = self._mask_buffer[:padded]
+        torch.ge(block, _ceil_to_dtype(floor, block.dtype), out=mask[:count].view(block.shape))
+        mask[count:].zero_()
+        words = mask.view(torch.int64)
+        hit_words = words.nonzero().squeeze(1)
+        hit_bytes = words.index_select(0, hit_words).view(torch.bool).view(-1, 8)
+        word, byte = hit_bytes.nonzero().unbind(1)
+        return hit_words.index_select(0, word) * 8 + byte
+
+    def _same_label_positions(self, start: int, end: int) -> tuple[Tensor, Tensor]:
+        """``(rows, columns)`` of the positive pairs of queries ``[start, end)`` (same label,
+        self pair excluded), rows relative to ``start``."""
+        if self._same_label_layout is None:
+            order = torch.argsort(self.reference_labels, stable=True)
+            sorted_labels = self.reference_labels.index_select(0, order)
+            first = torch.searchsorted(sorted_labels, self.classes)
+            count = torch.searchsorted(sorted_labels, self.classes, right=True) - first
+            self._same_label_layout = (order, first, count)
+        order, first, count = self._same_label_layout
+        row_class = self.query_class[start:end]
+        lengths = count.index_select(0, row_class)
+        device = row_class.device
+        rows = torch.repeat_interleave(torch.arange(end - start, device=device), lengths)
+        row_begin = torch.cumsum(lengths, 0) - lengths
+        within = torch.arange(rows.numel(), device=device) - row_begin.index_select(0, rows)
+        row_first = first.index_select(0, row_class).index_select(0, rows)
+        columns = order.index_select(0, row_first + within)
+        if self.self_offset is not None:
+            keep = (columns != rows + (start + self.self_offset)).nonzero().squeeze(1)
+            rows, columns = rows.index_select(0, keep), columns.index_select(0, keep)
+        return rows, columns
+
+    def _self_positions(self, start: int, end: int) -> tuple[Tensor, Tensor]:
+        """``(rows, columns)`` of the self pairs of queries ``[start, end)`` (rows relative)."""
+        device = self.query_class.device
+        if self.self_offset is None:
+            empty = torch.zeros(0, dtype=torch.int64, device=device)
+            return empty, empty
+        rows = torch.arange(end - start, device=device)
+        columns = rows + (start + self.self_offset)
+        inside = columns < self.num_references
+        return rows[inside], columns[inside]
+
+    def scan(self, floor: float, start: int, end: int, keep_positions: bool = False) -> _ChunkPairs:
+        """The pairs of queries ``[start, end)`` with closeness ``>= floor`` (one block,
+        filtered once)."""
+        block = self._closeness(self.queries[start:end])
+        flat_block = block.view(-1)
+        num_references = self.num_references
+        positions = self._positions_at_or_above(block, floor)
+        values = flat_block.index_select(0, positions)
+        boundaries = torch.arange(end - start + 1, device=positions.device) * num_references
+        row_counts = torch.diff(torch.searchsorted(positions, boundaries))
+        floor_value = _ceil_to_dtype(floor, block.dtype)
+
+        def gather(rows: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
+            scores = flat_block.index_select(0, rows * num_references + columns)
+            kept = (scores >= floor_value).nonzero().squeeze(1)
+            return scores.index_select(0, kept), rows.index_select(0, kept)
+
+        positive_values, positive_rows = gather(*self._same_label_positions(start, end))
+        self_values, self_rows = gather(*self._self_positions(start, end))
+        return _ChunkPairs(
+            start,
+            end,
+            values,
+            row_counts,
+            positive_values,
+            positive_rows,
+            self_values,
+            self_rows,
+            positions if keep_positions else None,
+        )
+
+    def negatives_of(self, pairs: _ChunkPairs, selected: Tensor) -> Tensor:
+        """Which of ``pairs.values[selected]`` are negative pairs (bool, same length)."""
+        assert pairs.positions is not None
+        positions = pairs.positions.index_select(0, selected)
+        rows = torch.div(positions, self.num_references, rounding_mode="floor")
+        columns = positions - rows * self.num_references
+        negative = self.query_labels.index_select(0, rows + pairs.start) != (
+            self.reference_labels.index_select(0, columns)
+        )
+        if self.self_offset is not None:
+            negative &= columns != rows + (pairs.start + self.self_offset)
+        return negative
 
     def pairs_at_or_above(
         self, floor: float, start: int, end: int, scores: Tensor | None = None
@@ -178,42 +346,62 @@ class _PairStream:
 
         Returns ``(scores, class_index, is_positive)``, each 1-D. NaN scores never pass.
         """
-        if scores is None:
-            scores = self.scores(start, end)
-        rows, cols = (scores >= _round_down(floor, scores.dtype)).nonzero().unbind(1)
-        values = scores[rows, cols]
-        is_positive = self.query_labels[start + rows] == self.reference_labels[cols]
+        block = self._closeness(self.queries[start:end]) if scores is None else scores
+        positions = self._positions_at_or_above(block.contiguous(), floor)
+        values = block.reshape(-1).index_select(0, positions)
+        rows = torch.div(positions, self.num_references, rounding_mode="floor")
+        columns = positions - rows * self.num_references
+        is_positive = self.query_labels.index_select(0, rows + start) == (
+            self.reference_labels.index_select(0, columns)
+        )
         if self.self_offset is not None:
-            keep = rows + (start + self.self_offset) != cols
+            keep = (columns != rows + (start + self.self_offset)).nonzero().squeeze(1)
             rows, values, is_positive = rows[keep], values[keep], is_positive[keep]
-        return values, self.query_class[start + rows], is_positive
+        return values, self.query_class.index_select(0, rows + start), is_positive
 
-    def negatives_of_rows(self, rows: Tensor, budget: int) -> Tensor:
-        """About ``budget`` negative scores of the given query rows, evenly strided
-        (guide only; at most ``budget`` values are ever held)."""
-        per_row = max(1, self.references.shape[0])
-        stride = max(1, -(-rows.shape[0] * per_row // budget))
+    def negative_sample(self, rows: Tensor, budget: int) -> Tensor:
+        """Every ``stride``-th pair (row-major) of the blocks of the given query rows, about
+        ``budget`` scores, NaN where the pair is not negative (guide only; no more than
+        that is ever held)."""
+        num_references = max(1, self.num_references)
+        stride = max(1, -(-rows.shape[0] * num_references // budget))
         out = []
         for start in range(0, rows.shape[0], self.chunk_size):
             picked = rows[start : start + self.chunk_size]
-            scores = self.score_fn(self.queries[picked], self.references)
-            if not self.higher_is_closer:
-                scores = scores.neg()
-            negative = self.query_labels[picked].unsqueeze(1) != self.reference_labels
-            out.append(scores[negative][::stride].clone())
-            del scores, negative
+            block = self._closeness(self.queries.index_select(0, picked))
+            positions = torch.arange(0, block.numel(), stride, device=block.device)
+            sample_rows = torch.div(positions, num_references, rounding_mode="floor")
+            columns = positions - sample_rows * num_references
+            negative = self.query_labels.index_select(0, picked).index_select(0, sample_rows) != (
+                self.reference_labels.index_select(0, columns)
+            )
+            out.append(torch.where(negative, block.view(-1)[::stride], math.nan))
         return torch.cat(out) if out else self.queries.new_zeros(0)
 
 
-def _round_down(value: float, dtype: torch.dtype) -> float:
-    """The largest ``dtype`` value ``<= value`` (so a float32 pre-filter keeps every pair
-    that the exact float64 comparison would accept)."""
-    if math.isinf(value):
+def _ceil_to_dtype(value: float, dtype: torch.dtype) -> float:
+    """The smallest ``dtype`` value ``>= value`` (as a Python float).
+
+    For ``x`` of that dtype, ``x >= value`` (exact, in the reals) is ``x >= result``, and
+    ``result`` converts to the dtype without rounding, so a compare in the tensor's own
+    dtype is exact."""
+    if math.isinf(value) or math.isnan(value):
         return value
     rounded = torch.tensor(value, dtype=torch.float64).to(dtype)
-    if float(rounded) > value:
-        rounded = torch.nextafter(rounded, torch.tensor(-math.inf, dtype=dtype))
+    if float(rounded) < value:
+        rounded = torch.nextafter(rounded, torch.tensor(math.inf, dtype=dtype))
     return float(rounded)
+
+
+def _ceil_grid(grid: Tensor, dtype: torch.dtype) -> Tensor:
+    """``grid`` (float64) rounded up to ``dtype`` elementwise (see :func:`_ceil_to_dtype`),
+    in ``dtype``: ``x >= grid[i]`` is ``x >= result[i]`` for every ``x`` of that dtype."""
+    if dtype == torch.float64:
+        return grid
+    rounded = grid.to(dtype)
+    low = rounded.to(torch.float64) < grid
+    bumped = torch.nextafter(rounded, torch.full_like(rounded, math.inf))
+    return torch.where(low, bumped, rounded)
 
 
 # --------------------------------------------------------------------------- collectives
@@ -305,21 +493,85 @@ def _pair_totals(stream: _PairStream) -> tuple[Tensor, Tensor]:
     return positives, negatives
 
 
-def _histogram(
-    values: Tensor, class_index: Tensor, is_positive: Tensor, grid: Tensor, num_classes: int
-) -> tuple[Tensor, Tensor]:
-    grid_size = grid.shape[0]
-    bucket = torch.searchsorted(grid, values.to(torch.float64), right=True) - 1
-    accepted = bucket >= 0
-    flat = (class_index * grid_size + bucket)[accepted]
-    positive = is_positive[accepted]
-    size = num_classes * grid_size
-    positive_histogram = torch.bincount(flat[positive], minlength=size)
-    negative_histogram = torch.bincount(flat[~positive], minlength=size)
-    return (
-        positive_histogram.view(num_classes, grid_size),
-        negative_histogram.view(num_classes, grid_size),
-    )
+class _GridCounter:
+    """Per-(class, bucket) histograms of streamed :class:`_ChunkPairs` on a fixed grid.
+
+    A pair's bucket is the number of grid points at or below its score (0: below
+    ``g_0``); it is found with ``searchsorted`` on the grid rounded up to the scores'
+    dtype, which is exact (``x >= g_i`` iff ``x >= ⌈g_i⌉``). Three histograms are kept,
+    of all pairs, of the positive pairs and of the self pairs; the negatives are all minus
+    the other two.
+    """
+
+    def __init__(self, stream: _PairStream, closeness_grid: Tensor) -> None:
+        self.stream = stream
+        self.grid_size = closeness_grid.shape[0]
+        self.num_classes = stream.classes.shape[0]
+        self.grid = closeness_grid.to(torch.float64)
+        self._bounds: dict[torch.dtype, Tensor] = {}
+        size = self.num_classes * (self.grid_size + 1)
+        device = stream.queries.device
+        self.all_pairs = torch.zeros(size, dtype=torch.int64, device=device)
+        self.positive = torch.zeros(size, dtype=torch.int64, device=device)
+        self.self_pairs = torch.zeros(size, dtype=torch.int64, device=device)
+
+    def _add(self, histogram: Tensor, values: Tensor, row_key: Tensor) -> None:
+        """Add pairs with scores ``values`` and ``class · (G + 1)`` keys ``row_key``."""
+        if values.numel() == 0:
+            return
+        histogram += torch.bincount(row_key + self.buckets(values), minlength=histogram.numel())
+
+    def buckets(self, values: Tensor) -> Tensor:
+        """How many grid points are ``<= value``, for each value (int64, exact).
+
+        The grid is evenly spaced, so an arithmetic estimate is off by at most one except
+        for degenerate grids; it is corrected against the rounded-up grid and checked,
+        and ``searchsorted`` answers whatever the check rejects."""
+        dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+        values = values.to(dtype)
+        edges = self._edges(dtype, values.device)
+        size = self.grid_size
+        lo, hi = float(edges[1]), float(edges[size])
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+            return torch.searchsorted(edges[1:-1], values, right=True)
+        count = ((values - lo) * ((size - 1) / (hi - lo))).floor_().add_(1).clamp_(0, size)
+        count = count.to(torch.int64)
+        count += (values >= edges.index_select(0, count + 1)).to(torch.int64)
+        count -= (values < edges.index_select(0, count)).to(torch.int64)
+        low, high = edges.index_select(0, count), edges.index_select(0, count + 1)
+        wrong = ((values < low) | (values >= high)).nonzero().squeeze(1)
+        if wrong.numel():
+            count[wrong] = torch.searchsorted(edges[1:-1], values[wrong], right=True)
+        return count
+
+    def _edges(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``(G + 2,)``: ``[-inf, ⌈g_0⌉, ..., ⌈g_{G-1}⌉, NaN]`` in ``dtype``; a value ``v``
+        has ``k`` grid points at or below it iff ``edges[k] <= v`` and not
+        ``v >= edges[k + 1]``."""
+        if dtype not in self._bounds:
+            bounds = _ceil_grid(self.grid, dtype).to(device)
+            below = torch.full((1,), -math.inf, dtype=dtype, device=device)
+            above = torch.full((1,), math.nan, dtype=dtype, device=device)
+            self._bounds[dtype] = torch.cat([below, bounds, above])
+        return self._bounds[dtype]
+
+    def add(self, pairs: _ChunkPairs) -> None:
+        row_class = self.stream.query_class[pairs.start : pairs.end] * (self.grid_size + 1)
+        self._add(
+            self.all_pairs,
+            pairs.values,
+            torch.repeat_interleave(row_class, pairs.row_counts, output_size=pairs.values.numel()),
+        )
+        positive_key = row_class.index_select(0, pairs.positive_rows)
+        self._add(self.positive, pairs.positive_values, positive_key)
+        self._add(self.self_pairs, pairs.self_values, row_class.index_select(0, pairs.self_rows))
+
+    def histograms(self) -> tuple[Tensor, Tensor]:
+        """``(positive, negative)`` histograms, each ``(C, G)`` int64."""
+        shape = (self.num_classes, self.grid_size + 1)
+        positive = self.positive.view(shape)
+        negative = (self.all_pairs - self.positive - self.self_pairs).view(shape)
+        return positive[:, 1:].contiguous(), negative[:, 1:].contiguous()
 
 
 def _empty_state(num_classes: int, grid_size: int, device: torch.device) -> OPISState:
@@ -331,19 +583,19 @@ def _empty_state(num_classes: int, grid_size: int, device: torch.device) -> OPIS
 def _count_state(
     stream: _PairStream,
     closeness_grid: Tensor,
-    retained: list[tuple[Tensor, Tensor, Tensor]] | None = None,
+    retained: list[_ChunkPairs] | None = None,
 ) -> OPISState:
-    num_classes = stream.classes.shape[0]
-    state = _empty_state(num_classes, closeness_grid.shape[0], stream.queries.device)
-    state.positives, state.negatives = _pair_totals(stream)
+    """Counts on the grid: from ``retained`` pairs (gathered at or below ``g_0``) or from
+    a pass over all chunks."""
+    counter = _GridCounter(stream, closeness_grid)
     if retained is None:
         floor = float(closeness_grid[0])
-        retained = (stream.pairs_at_or_above(floor, s, e) for s, e in stream.chunks())
-    for values, class_index, is_positive in retained:
-        pos, neg = _histogram(values, class_index, is_positive, closeness_grid, num_classes)
-        state.positive_histogram += pos
-        state.negative_histogram += neg
-    return state
+        retained = (stream.scan(floor, s, e) for s, e in stream.chunks())
+    for pairs in retained:
+        counter.add(pairs)
+    positive_histogram, negative_histogram = counter.histograms()
+    positives, negatives = _pair_totals(stream)
+    return OPISState(positive_histogram, negative_histogram, positives, negatives)
 
 
 def opis_update(
@@ -555,21 +807,27 @@ def _guide_brackets(
     generator = torch.Generator().manual_seed(seed)
     picked = max(1, -(-num_queries // GUIDE_FRACTION))
     rows = torch.randperm(num_queries, generator=generator)[:picked].sort().values
-    sample = stream.negatives_of_rows(rows.to(stream.queries.device), GUIDE_BUDGET)
-    sample = sample[torch.isfinite(sample)].to(torch.float64)
-    bounds = torch.tensor(
-        [
-            float(sample.min()) if sample.numel() else math.inf,
-            -float(sample.max()) if sample.numel() else math.inf,
-        ],
-        dtype=torch.float64,
-        device=stream.queries.device,
+    sample = stream.negative_sample(rows.to(stream.queries.device), GUIDE_BUDGET)
+    valid = torch.isfinite(sample)  # (NaN marks a pair that is not negative)
+    bounds = (
+        torch.stack(
+            [
+                torch.where(valid, sample, math.inf).min().to(torch.float64),
+                -torch.where(valid, sample, -math.inf).max().to(torch.float64),
+            ]
+        )
+        if sample.numel()
+        else torch.full((2,), math.inf, dtype=torch.float64)
     )
+    bounds = bounds.to(stream.queries.device)
     _all_reduce(bounds, distributed, "min")
     low, high = float(bounds[0]), -float(bounds[1])
     if not math.isfinite(low) or not math.isfinite(high) or high <= low:
         return  # keep the whole-range brackets
-    histogram = torch.histc(sample, bins=GUIDE_BINS, min=low, max=high).to(torch.int64)
+    # bins of width (high - low) / GUIDE_BINS; bin GUIDE_BINS collects the non-negatives
+    bins = ((sample - low) * (GUIDE_BINS / (high - low))).floor_().clamp_(0, GUIDE_BINS - 1)
+    bins = torch.where(valid, bins, GUIDE_BINS).to(torch.int64)
+    histogram = torch.bincount(bins, minlength=GUIDE_BINS + 1)[:GUIDE_BINS].clone()
     _all_reduce(histogram, distributed)
     sampled = int(histogram.sum())
     if sampled == 0:
@@ -584,7 +842,7 @@ def _guide_brackets(
         # bins counted from the top; a bin holding rank r is the first with from_top >= r
         top_bin = int(torch.searchsorted(from_top, torch.tensor(max(top_rank, 0.0)).double()))
         bottom_bin = int(torch.searchsorted(from_top, torch.tensor(bottom_rank).double()))
-        # one more bin on each side for histc's rounding at bin edges
+        # one more bin on each side for the rounding of the binning at bin edges
         hi_edge = GUIDE_BINS - top_bin + 1
         lo_edge = GUIDE_BINS - bottom_bin - 2
         target.hi = math.inf if top_rank <= 0 or hi_edge >= GUIDE_BINS else low + hi_edge * width
@@ -600,6 +858,29 @@ def _next_pivots(low: float, high: float, bracket_hi: float, dtype: torch.dtype)
     return candidates if candidates.numel() else None
 
 
+def _negatives_at_or_above(pairs: _ChunkPairs, threshold: float) -> Tensor:
+    """Negative pairs of ``pairs`` with score ``>= threshold``: all minus the positive and
+    self pairs (a 0-d int64 tensor)."""
+    limit = _ceil_to_dtype(threshold, pairs.values.dtype)
+    return (
+        (pairs.values >= limit).sum()
+        - (pairs.positive_values >= limit).sum()
+        - (pairs.self_values >= limit).sum()
+    )
+
+
+def _negatives_between(stream: _PairStream, pairs: _ChunkPairs, low: float, high: float) -> Tensor:
+    """The negative scores of ``pairs`` in ``[low, high)``, as float64 (labels are looked
+    up for these pairs only)."""
+    values = pairs.values
+    inside = values < _ceil_to_dtype(high, values.dtype)
+    if low > -math.inf:
+        inside &= values >= _ceil_to_dtype(low, values.dtype)
+    selected = inside.nonzero().squeeze(1)
+    negative = stream.negatives_of(pairs, selected).nonzero().squeeze(1)
+    return values.index_select(0, selected.index_select(0, negative)).to(torch.float64)
+
+
 def _far_closeness_thresholds(
     stream: _PairStream,
     ranks: Sequence[int],
@@ -608,7 +889,7 @@ def _far_closeness_thresholds(
     collect_limit: int,
     retain_limit: int,
     seed: int,
-) -> tuple[list[float], list[tuple[Tensor, Tensor, Tensor]] | None, float]:
+) -> tuple[list[float], list[_ChunkPairs] | None, float]:
     """Exact k-th largest negative closeness for each rank; retained pairs for counting."""
     targets = [_Target(rank=r) for r in ranks]
     dtype = stream.queries.dtype
@@ -616,14 +897,14 @@ def _far_closeness_thresholds(
     if num_negatives > collect_limit:
         _guide_brackets(stream, targets, num_negatives, distributed, seed)
 
-    retained: list[tuple[Tensor, Tensor, Tensor]] | None = None
+    retained: list[_ChunkPairs] | None = None
     retained_floor = math.inf
     for _ in range(200):
         open_targets = [t for t in targets if t.value is None]
         if not open_targets:
             break
         floor = min(t.lo for t in open_targets)
-        keep_pairs: list[tuple[Tensor, Tensor, Tensor]] | None = []
+        keep_pairs: list[_ChunkPairs] | None = []
         kept = 0
         count_slots = 2 + PIVOTS + 1
         counts = torch.zeros(len(open_targets), count_slots, dtype=torch.int64, device=device)
@@ -631,18 +912,11 @@ def _far_closeness_thresholds(
         collected: list[list[Tensor]] = [[] for _ in open_targets]
         collected_size = [0] * len(open_targets)
         for start, end in stream.chunks():
-            values, class_index, is_positive = stream.pairs_at_or_above(floor, start, end)
-            if keep_pairs is not None:
-                kept += values.shape[0]
-                if kept <= retain_limit:
-                    keep_pairs.append((values, class_index, is_positive))
-                else:
-                    keep_pairs = None
-            negatives = values[~is_positive].to(torch.float64)
+            pairs = stream.scan(floor, start, end, keep_positions=True)
             for j, target in enumerate(open_targets):
-                counts[j, 0] += (negatives >= target.hi).sum()
-                inside = negatives[(negatives >= target.lo) & (negatives < target.hi)]
-                # (float64 copies of float32 scores: exact, and the pivots compare in float64)
+                counts[j, 0] += _negatives_at_or_above(pairs, target.hi)
+                inside = _negatives_between(stream, pairs, target.lo, target.hi)
+                # (float64 copies of the scores: exact, and the pivots compare in float64)
                 counts[j, 1] += inside.shape[0]
                 if inside.numel():
                     extremes[j, 0] = torch.minimum(extremes[j, 0], inside.min())
@@ -655,6 +929,13 @@ def _far_closeness_thresholds(
                 elif collected_size[j] <= collect_limit:
                     collected[j].append(inside.to(dtype))
                     collected_size[j] += inside.shape[0]
+            pairs.positions = None
+            if keep_pairs is not None:
+                kept += pairs.size
+                if kept <= retain_limit:
+                    keep_pairs.append(pairs)
+                else:
+                    keep_pairs = None
         _all_reduce(counts, distributed)
         _all_reduce(extremes, distributed, "min")
         overflow = torch.tensor(
