@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .functional.opis import OPISResult
@@ -25,6 +26,8 @@ def plot_utility_curves(
     class_linewidth: float = 0.8,
     pooled_linewidth: float = 2.5,
     title: str | None = None,
+    class_names: Mapping[int, str] | Sequence[str] | None = None,
+    max_legend_classes: int = 10,
 ) -> Any:
     """Every class's utility ``U_c`` over the calibration range, with ``U_all`` on top.
 
@@ -38,10 +41,15 @@ def plot_utility_curves(
         class_linewidth: width of the per-class lines.
         pooled_linewidth: width of the bold pooled line.
         title: axes title (default: OPIS and ε-OPIS values).
+        class_names: display names, indexed (or keyed) by class label; default
+            ``"class <label>"``.
+        max_legend_classes: up to this many classes, each class gets its own colour
+            (matplotlib's ``tab10``/``tab20``) and a legend; beyond it every class line
+            is the same faint blue, as in the paper's figure.
 
     Returns:
         The matplotlib ``Figure`` holding the axes. The axes hold one line per class
-        (label ``"class <label>"``) and then the pooled line (label ``"pooled"``).
+        (labelled with its name) and then the pooled line (label ``"pooled"``).
 
     Raises:
         ImportError: matplotlib is not installed.
@@ -54,14 +62,17 @@ def plot_utility_curves(
         _pyplot_free_figure()
         figure = ax.figure
     thresholds = result.thresholds.numpy()
-    for label, curve in zip(result.classes.tolist(), result.class_utility.numpy()):
+    labels = result.classes.tolist()
+    distinct = len(labels) <= max_legend_classes
+    palette = _class_colours(len(labels)) if distinct else ["tab:blue"] * len(labels)
+    for label, colour, curve in zip(labels, palette, result.class_utility.numpy()):
         ax.plot(
             thresholds,
             curve,
-            color="tab:blue",
-            alpha=class_alpha,
+            color=colour,
+            alpha=class_alpha if not distinct else max(class_alpha, 0.8),
             linewidth=class_linewidth,
-            label=f"class {label}",
+            label=_class_name(label, class_names),
         )
     ax.plot(
         thresholds,
@@ -80,4 +91,22 @@ def plot_utility_curves(
     ax.set_title(
         title if title is not None else f"OPIS {result.opis:.3g}, ε-OPIS {result.eps_opis:.3g}"
     )
+    if distinct:
+        ax.legend(fontsize="small", loc="lower left")
     return figure
+
+
+def _class_colours(num_classes: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if num_classes <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(num_classes)]
+
+
+def _class_name(label: int, class_names: Mapping[int, str] | Sequence[str] | None) -> str:
+    if class_names is None:
+        return f"class {label}"
+    try:
+        return str(class_names[label])
+    except (KeyError, IndexError):
+        return f"class {label}"

@@ -35,3 +35,20 @@ def test_draws_on_given_axes():
     ax = figure.add_subplot()
     assert plot_utility_curves(opis(x, y, num_thresholds=10), ax=ax) is figure
     assert len(ax.get_lines()) == len(torch.unique(y)) + 1
+
+
+def test_few_classes_get_distinct_colours_names_and_a_legend():
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(60, 4, generator=gen), torch.randint(0, 4, (60,), generator=gen)
+    names = {label: f"name-{label}" for label in range(4)}
+    figure = plot_utility_curves(opis(x, y, num_thresholds=10), class_names=names)
+    ax = figure.axes[0]
+    class_lines = ax.get_lines()[:-1]
+    assert [line.get_label() for line in class_lines] == [
+        f"name-{label}" for label in sorted(set(y.tolist()))
+    ]
+    assert len({line.get_color() for line in class_lines}) == len(class_lines)
+    assert ax.get_legend() is not None
+    many = plot_utility_curves(opis(x, y, num_thresholds=10), max_legend_classes=2)
+    assert many.axes[0].get_legend() is None
+    assert len({line.get_color() for line in many.axes[0].get_lines()[:-1]}) == 1
