@@ -493,14 +493,47 @@ def _pair_totals(stream: _PairStream) -> tuple[Tensor, Tensor]:
     return positives, negatives
 
 
+class _KeyCounts:
+    """Counts of int64 keys in ``[0, size)``, each added with a weight of +1 or -1.
+
+    Large batches of +1 keys are held until there are several times ``size`` of them and
+    then ``bincount``-ed together (one dense pass of ``size`` per flush, not per chunk);
+    small batches are scattered directly with ``index_add_``."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.counts = torch.zeros(size, dtype=torch.int64, device=device)
+        self._pending: list[Tensor] = []
+        self._pending_keys = 0
+
+    def add(self, keys: Tensor, weight: int = 1) -> None:
+        size = self.counts.numel()
+        if weight != 1 or 8 * keys.numel() < size:
+            step = torch.full((1,), weight, dtype=torch.int64, device=keys.device)
+            self.counts.index_add_(0, keys, step.expand(keys.numel()))
+            return
+        self._pending.append(keys)
+        self._pending_keys += keys.numel()
+        if self._pending_keys >= 4 * size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            keys = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self.counts += torch.bincount(keys, minlength=self.counts.numel())
+            self._pending, self._pending_keys = [], 0
+
+    def total(self) -> Tensor:
+        self._flush()
+        return self.counts
+
+
 class _GridCounter:
     """Per-(class, bucket) histograms of streamed :class:`_ChunkPairs` on a fixed grid.
 
     A pair's bucket is the number of grid points at or below its score (0: below
-    ``g_0``); it is found with ``searchsorted`` on the grid rounded up to the scores'
-    dtype, which is exact (``x >= g_i`` iff ``x >= ⌈g_i⌉``). Three histograms are kept,
-    of all pairs, of the positive pairs and of the self pairs; the negatives are all minus
-    the other two.
+    ``g_0``), exact: the comparisons are made against the grid rounded up to the scores'
+    dtype (``x >= g_i`` iff ``x >= ⌈g_i⌉``). The positive pairs are counted directly; the
+    negatives as all pairs minus the positive and the self pairs.
     """
 
     def __init__(self, stream: _PairStream, closeness_grid: Tensor) -> None:
@@ -508,18 +541,32 @@ class _GridCounter:
         self.grid_size = closeness_grid.shape[0]
         self.num_classes = stream.classes.shape[0]
         self.grid = closeness_grid.to(torch.float64)
-        self._bounds: dict[torch.dtype, Tensor] = {}
+        self._edges: dict[torch.dtype, tuple[Tensor, float, float]] = {}
         size = self.num_classes * (self.grid_size + 1)
         device = stream.queries.device
-        self.all_pairs = torch.zeros(size, dtype=torch.int64, device=device)
-        self.positive = torch.zeros(size, dtype=torch.int64, device=device)
-        self.self_pairs = torch.zeros(size, dtype=torch.int64, device=device)
+        self.positive = _KeyCounts(size, device)
+        self.negative = _KeyCounts(size, device)
 
-    def _add(self, histogram: Tensor, values: Tensor, row_key: Tensor) -> None:
-        """Add pairs with scores ``values`` and ``class · (G + 1)`` keys ``row_key``."""
-        if values.numel() == 0:
-            return
-        histogram += torch.bincount(row_key + self.buckets(values), minlength=histogram.numel())
+    def add(self, pairs: _ChunkPairs) -> None:
+        """Count the pairs of one chunk (gathered at or below ``g_0``)."""
+        row_key = self.stream.query_class[pairs.start : pairs.end] * (self.grid_size + 1)
+        all_keys = torch.repeat_interleave(
+            row_key, pairs.row_counts, output_size=pairs.values.numel()
+        )
+        self.negative.add(all_keys + self.buckets(pairs.values))
+        positive_keys = row_key.index_select(0, pairs.positive_rows)
+        positive_keys += self.buckets(pairs.positive_values)
+        self.positive.add(positive_keys)
+        self.negative.add(positive_keys, -1)
+        self_keys = row_key.index_select(0, pairs.self_rows) + self.buckets(pairs.self_values)
+        self.negative.add(self_keys, -1)
+
+    def histograms(self) -> tuple[Tensor, Tensor]:
+        """``(positive, negative)`` histograms, each ``(C, G)`` int64."""
+        shape = (self.num_classes, self.grid_size + 1)
+        positive = self.positive.total().view(shape)[:, 1:].contiguous()
+        negative = self.negative.total().view(shape)[:, 1:].contiguous()
+        return positive, negative
 
     def buckets(self, values: Tensor) -> Tensor:
         """How many grid points are ``<= value``, for each value (int64, exact).
@@ -529,9 +576,8 @@ class _GridCounter:
         and ``searchsorted`` answers whatever the check rejects."""
         dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
         values = values.to(dtype)
-        edges = self._edges(dtype, values.device)
+        edges, lo, hi = self._edges_of(dtype, values.device)
         size = self.grid_size
-        lo, hi = float(edges[1]), float(edges[size])
         if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
             return torch.searchsorted(edges[1:-1], values, right=True)
         count = ((values - lo) * ((size - 1) / (hi - lo))).floor_().add_(1).clamp_(0, size)
@@ -544,40 +590,17 @@ class _GridCounter:
             count[wrong] = torch.searchsorted(edges[1:-1], values[wrong], right=True)
         return count
 
-    def _edges(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """``(G + 2,)``: ``[-inf, ⌈g_0⌉, ..., ⌈g_{G-1}⌉, NaN]`` in ``dtype``; a value ``v``
-        has ``k`` grid points at or below it iff ``edges[k] <= v`` and not
-        ``v >= edges[k + 1]``."""
-        if dtype not in self._bounds:
+    def _edges_of(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, float, float]:
+        """``(edges, ⌈g_0⌉, ⌈g_{G-1}⌉)``; ``edges`` is ``(G + 2,)``: ``[-inf, ⌈g_0⌉, ...,
+        ⌈g_{G-1}⌉, NaN]`` in ``dtype``, so a value ``v`` has ``k`` grid points at or below
+        it iff ``edges[k] <= v`` and not ``v >= edges[k + 1]``."""
+        if dtype not in self._edges:
             bounds = _ceil_grid(self.grid, dtype).to(device)
             below = torch.full((1,), -math.inf, dtype=dtype, device=device)
             above = torch.full((1,), math.nan, dtype=dtype, device=device)
-            self._bounds[dtype] = torch.cat([below, bounds, above])
-        return self._bounds[dtype]
-
-    def add(self, pairs: _ChunkPairs) -> None:
-        row_class = self.stream.query_class[pairs.start : pairs.end] * (self.grid_size + 1)
-        self._add(
-            self.all_pairs,
-            pairs.values,
-            torch.repeat_interleave(row_class, pairs.row_counts, output_size=pairs.values.numel()),
-        )
-        positive_key = row_class.index_select(0, pairs.positive_rows)
-        self._add(self.positive, pairs.positive_values, positive_key)
-        self._add(self.self_pairs, pairs.self_values, row_class.index_select(0, pairs.self_rows))
-
-    def histograms(self) -> tuple[Tensor, Tensor]:
-        """``(positive, negative)`` histograms, each ``(C, G)`` int64."""
-        shape = (self.num_classes, self.grid_size + 1)
-        positive = self.positive.view(shape)
-        negative = (self.all_pairs - self.positive - self.self_pairs).view(shape)
-        return positive[:, 1:].contiguous(), negative[:, 1:].contiguous()
-
-
-def _empty_state(num_classes: int, grid_size: int, device: torch.device) -> OPISState:
-    zeros = torch.zeros(num_classes, grid_size, dtype=torch.int64, device=device)
-    counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
-    return OPISState(zeros, zeros.clone(), counts, counts.clone())
+            edges = torch.cat([below, bounds, above])
+            self._edges[dtype] = (edges, float(bounds[0]), float(bounds[-1]))
+        return self._edges[dtype]
 
 
 def _count_state(
@@ -1017,7 +1040,7 @@ def opis(
     chunk_size: int | None = None,
     distributed: bool = False,
     collect_limit: int = 1 << 24,
-    retain_limit: int = 1 << 24,
+    retain_limit: int = 1 << 27,
     seed: int = 0,
 ) -> OPISResult:
     """OPIS and ε-OPIS of queries against references (see the module docstring).
