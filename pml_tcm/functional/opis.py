@@ -47,35 +47,46 @@ Streaming
 ---------
 Queries are processed in chunks of ``chunk_size`` rows against the whole reference set;
 an ``(chunk, M)`` score block is the largest temporary, the ``N × M`` matrix is never
-built. Only the pairs whose score is at or above the lowest threshold of interest are
-gathered (a compare and a ``nonzero`` over the block); they are bucketed into the grid
-with ``searchsorted`` (in float64, so ``score >= g_i`` is exact) and histogrammed per
-(class, bucket) with ``bincount``; reversed cumulative sums give ``TP_c(g_i)`` and
-``FP_c(g_i)``. Pairs below ``t_lo`` only matter through the per-class totals, which come
-from label counts without any score.
+built. With the default cosine score the block (and a mask of the same shape) live in
+buffers reused by every chunk. Each block is filtered once, at the lowest threshold of
+interest (the *floor*): one compare into the mask, then ``nonzero`` over the mask read
+as 64-bit words and over the few words holding a hit give the flat positions
+``row · M + column`` of the pairs ``>= floor``. Their scores are gathered with
+``index_select`` and stored with a count per query row (a pair's class is its row's
+class), no label per pair. The positive pairs (same label, self pair excluded) and the
+self pairs are gathered directly from the block at positions known from the labels,
+so the negatives are never separated: every count of negatives is all pairs minus
+positives minus self pairs.
+
+Counting buckets each pair into the grid (the number of grid points ``<= score``, from an
+arithmetic estimate corrected against the grid rounded up to the scores' dtype, so that
+``score >= g_i`` is exact) and counts the keys ``class · (G + 1) + bucket``; reversed
+cumulative sums give ``TP_c(g_i)`` and ``FP_c(g_i)``. Pairs below ``t_lo`` only matter
+through the per-class totals, which come from label counts without any score.
 
 Exact FAR thresholds
 --------------------
 The k-th largest negative score is found without holding all pairs:
 
 1. *Guide* (only when there are more negatives than ``collect_limit``): an evenly
-   strided sample of about 2^21 scores (negatives kept) of a random 1/16 of the queries is
-   histogrammed; the bins around the
-   target rank, widened by a 6σ sampling margin and one bin for rounding, give a bracket
-   ``[lo, hi)``.
-2. *Exact pass*: one pass over all chunks counts the negatives ``>= hi`` and collects the
-   negatives in ``[lo, hi)``. If the target rank lies in the bracket, sorting the
-   collected values gives the exact k-th value; the scores come from the same chunked
-   computation as the counting pass, so the threshold is bit-equal to the k-th largest
-   negative of that score matrix.
+   strided sample of about 2^21 pairs of a random 1/16 of the queries, negatives kept, is
+   histogrammed; the bins around the target rank, widened by a 6σ sampling margin and one
+   bin for rounding, give a bracket ``[lo, hi)``.
+2. *Exact pass*: one pass over all chunks, filtered at the lowest ``lo``, counts the
+   negatives ``>= hi`` (all minus positives minus self pairs) and collects the negatives
+   in ``[lo, hi)`` (labels are looked up for the pairs in the bracket only). If the
+   target rank lies in the bracket, sorting the collected values gives the exact k-th
+   value; the scores come from the same chunked computation as the counting, so the
+   threshold is bit-equal to the k-th largest negative of that score matrix.
 3. *Fallback*: if the bracket missed or held more than ``collect_limit`` values, further
    passes split the bracket at up to 255 pivots, count per piece and keep the piece
    holding the rank, until it is small enough to collect (or cannot be split: then all
    its values are equal).
 
-When the gathered pairs of the exact pass (everything ``>= lo``) number at most
-``retain_limit``, they are kept and the counting reuses them: two passes over the data
-in total (guide + one). Otherwise counting is a further pass.
+When the pairs gathered by the exact pass (everything ``>= lo``; 4 bytes a pair plus the
+positives and self pairs) number at most ``retain_limit`` (2^27 by default, about 0.5 GB),
+they are kept and the counting reuses them: the guide plus one pass over the data in
+total. Otherwise counting is a further pass.
 
 Sharding
 --------
@@ -214,6 +225,10 @@ class _PairStream:
     def num_references(self) -> int:
         return self.references.shape[0]
 
+    def _block_capacity(self) -> int:
+        """Scores in the largest block: ``min(chunk_size, N) · M``."""
+        return min(self.chunk_size, self.queries.shape[0]) * self.num_references
+
     def scores(self, start: int, end: int) -> Tensor:
         """A fresh ``(end - start, M)`` closeness block of queries ``[start, end)``."""
         return self._closeness(self.queries[start:end], reuse_buffer=False)
@@ -232,8 +247,7 @@ class _PairStream:
                 self._normalized_references = F.normalize(self.references, dim=1)
             references = self._normalized_references
             if self._score_buffer is None:
-                size = self.chunk_size * self.num_references
-                self._score_buffer = references.new_empty(size)
+                self._score_buffer = references.new_empty(self._block_capacity())
             block = self._score_buffer[: rows * self.num_references].view(rows, -1)
             # the same product as cosine_similarity_scores: F.normalize(q) @ F.normalize(r).T
             torch.mm(F.normalize(queries, dim=1), references.T, out=block)
@@ -250,7 +264,7 @@ class _PairStream:
         count = block.numel()
         padded = -(-count // 8) * 8
         if self._mask_buffer is None or self._mask_buffer.numel() < padded:
-            capacity = max(padded, -(-self.chunk_size * self.num_references // 8) * 8)
+            capacity = max(padded, -(-self._block_capacity() // 8) * 8)
             self._mask_buffer = torch.empty(capacity, dtype=torch.bool, device=block.device)
         mask = self._mask_buffer[:padded]
         torch.ge(block, _ceil_to_dtype(floor, block.dtype), out=mask[:count].view(block.shape))
@@ -1065,7 +1079,8 @@ def opis(
         chunk_size: query rows per block (default :func:`default_chunk_size`).
         distributed: sum the counts over ``torch.distributed`` ranks.
         collect_limit: most candidate values collected for an exact FAR threshold.
-        retain_limit: most gathered pairs kept between the FAR search and the counting.
+        retain_limit: most gathered pairs kept between the FAR search and the counting
+            (a score of 4 bytes each for float32; above it counting is a second pass).
         seed: seed of the guide's random query sample.
 
     Returns:
