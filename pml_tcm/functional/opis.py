@@ -271,9 +271,9 @@ class _PairStream:
         mask[count:].zero_()
         words = mask.view(torch.int64)
         hit_words = words.nonzero().squeeze(1)
-        hit_bytes = words.index_select(0, hit_words).view(torch.bool).view(-1, 8)
-        word, byte = hit_bytes.nonzero().unbind(1)
-        return hit_words.index_select(0, word) * 8 + byte
+        hit_bytes = words.index_select(0, hit_words).view(torch.bool)
+        within = hit_bytes.nonzero().squeeze(1)  # 8 · (index in hit_words) + byte
+        return hit_words.index_select(0, within >> 3) * 8 + (within & 7)
 
     def _same_label_positions(self, start: int, end: int) -> tuple[Tensor, Tensor]:
         """``(rows, columns)`` of the positive pairs of queries ``[start, end)`` (same label,
@@ -950,9 +950,13 @@ def _far_closeness_thresholds(
         collected_size = [0] * len(open_targets)
         for start, end in stream.chunks():
             pairs = stream.scan(floor, start, end, keep_positions=True)
+            in_bracket: dict[tuple[float, float], Tensor] = {}  # targets may share one
             for j, target in enumerate(open_targets):
                 counts[j, 0] += _negatives_at_or_above(pairs, target.hi)
-                inside = _negatives_between(stream, pairs, target.lo, target.hi)
+                bracket = (target.lo, target.hi)
+                if bracket not in in_bracket:
+                    in_bracket[bracket] = _negatives_between(stream, pairs, *bracket)
+                inside = in_bracket[bracket]
                 # (float64 copies of the scores: exact, and the pivots compare in float64)
                 counts[j, 1] += inside.shape[0]
                 if inside.numel():
@@ -996,7 +1000,9 @@ def _far_closeness_thresholds(
             rank_inside = target.rank - above
             if target.pivots is None and not bool(overflow[j]):
                 values = _all_gather_values(torch.cat(collected[j]), distributed)
-                target.value = float(torch.topk(values, rank_inside).values[-1])
+                # the rank_inside-th largest
+                kth = values.numel() - rank_inside + 1
+                target.value = float(torch.kthvalue(values, kth).values)
                 continue
             if target.pivots is not None:
                 pieces = counts[j, 2 : 2 + target.pivots.numel() + 1].flip(0).cumsum(0)
