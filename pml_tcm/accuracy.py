@@ -10,7 +10,7 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from torch import Tensor
 
 from .functional import validation
-from .functional.opis import OPISResult, opis
+from .functional.opis import OPISResult, cosine_similarity_scores, opis
 
 
 class OPISAccuracyCalculator(AccuracyCalculator):
@@ -136,12 +136,20 @@ class OPISAccuracyCalculator(AccuracyCalculator):
                 num_thresholds=self.num_thresholds,
                 beta=self.beta,
                 epsilon=self.epsilon,
-                score_fn=self.distance,
+                score_fn=self._score_fn(),
                 higher_is_closer=self.distance.is_inverted,
                 chunk_size=self.chunk_size,
                 distributed=distributed,
             )
         return self.last_result
+
+    def _score_fn(self) -> Any:
+        # pml's plain CosineSimilarity is normalize + matmul: the functional default
+        # computes the same values and streams its blocks through one reused buffer.
+        distance = self.distance
+        if type(distance) is CosineSimilarity and distance.power == 1:
+            return cosine_similarity_scores
+        return distance
 
     def _sharded(self) -> bool:
         if self.shard_queries is False:
