@@ -9,7 +9,7 @@ from .opis import (
     opis_update,
     threshold_grid,
 )
-from .pairs import pair_masks, self_pair_diagonal
+from .pairs import pair_masks, self_pair_columns, self_pair_diagonal
 from .tcm import hard_pair_masks, tcm_hard_pairs, tcm_loss, tcm_loss_and_counts
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "threshold_grid",
     "hard_pair_masks",
     "pair_masks",
+    "self_pair_columns",
     "self_pair_diagonal",
     "tcm_hard_pairs",
     "tcm_loss",

@@ -108,6 +108,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import validation
+from .pairs import self_pair_columns
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 """``(queries (n, D), references (M, D)) -> scores (n, M)``, floating point."""
@@ -294,7 +295,9 @@ class _PairStream:
         row_first = first.index_select(0, row_class).index_select(0, rows)
         columns = order.index_select(0, row_first + within)
         if self.self_offset is not None:
-            keep = (columns != rows + (start + self.self_offset)).nonzero().squeeze(1)
+            keep = (
+                (columns != self_pair_columns(rows, start + self.self_offset)).nonzero().squeeze(1)
+            )
             rows, columns = rows.index_select(0, keep), columns.index_select(0, keep)
         return rows, columns
 
@@ -305,7 +308,7 @@ class _PairStream:
             empty = torch.zeros(0, dtype=torch.int64, device=device)
             return empty, empty
         rows = torch.arange(end - start, device=device)
-        columns = rows + (start + self.self_offset)
+        columns = self_pair_columns(rows, start + self.self_offset)
         inside = columns < self.num_references
         return rows[inside], columns[inside]
 
@@ -350,7 +353,7 @@ class _PairStream:
             self.reference_labels.index_select(0, columns)
         )
         if self.self_offset is not None:
-            negative &= columns != rows + (pairs.start + self.self_offset)
+            negative &= columns != self_pair_columns(rows, pairs.start + self.self_offset)
         return negative
 
     def pairs_at_or_above(
@@ -369,7 +372,9 @@ class _PairStream:
             self.reference_labels.index_select(0, columns)
         )
         if self.self_offset is not None:
-            keep = (columns != rows + (start + self.self_offset)).nonzero().squeeze(1)
+            keep = (
+                (columns != self_pair_columns(rows, start + self.self_offset)).nonzero().squeeze(1)
+            )
             rows, values, is_positive = rows[keep], values[keep], is_positive[keep]
         return values, self.query_class.index_select(0, rows + start), is_positive
 

@@ -38,3 +38,18 @@ def pair_masks(
 def self_pair_diagonal(matrix: Tensor, self_offset: int) -> Tensor:
     """The view of an ``(N, M)`` matrix holding the self pairs ``(i, i + self_offset)``."""
     return torch.diagonal(matrix, offset=self_offset)
+
+
+def self_pair_columns(rows: Tensor, self_offset: int) -> Tensor:
+    """Reference index of each query row's self pair, for pairs given as index lists.
+
+    Args:
+        rows: ``(P,)`` int64 query indices (relative to the block that ``self_offset``
+            refers to).
+        self_offset: see :func:`pair_masks`.
+
+    Returns:
+        ``(P,)`` int64 ``rows + self_offset``: a pair ``(row, column)`` is a self pair
+        exactly when ``column`` equals it.
+    """
+    return rows + self_offset
