@@ -1036,17 +1036,6 @@ def _far_closeness_thresholds(
 # --------------------------------------------------------------------------- entry point
 
 
-def check_opis_arguments(
-    calibration_range: tuple[float, float] | None,
-    far_range: tuple[float, float],
-    num_thresholds: int,
-    beta: float,
-    epsilon: float,
-) -> None:
-    """Raise a ``ValueError`` naming the argument for an invalid OPIS setting."""
-    validation.check_opis_settings(calibration_range, far_range, num_thresholds, beta, epsilon)
-
-
 def opis(
     queries: Tensor,
     query_labels: Tensor,
@@ -1102,7 +1091,7 @@ def opis(
     Raises:
         ValueError: empty sets, NaN/Inf, mismatched lengths or sizes, invalid settings.
     """
-    check_opis_arguments(calibration_range, far_range, num_thresholds, beta, epsilon)
+    validation.check_opis_settings(calibration_range, far_range, num_thresholds, beta, epsilon)
     if references is None:
         if reference_labels is not None:
             raise ValueError("reference_labels was given without references")
