@@ -28,6 +28,7 @@ def plot_utility_curves(
     title: str | None = None,
     class_names: Mapping[int, str] | Sequence[str] | None = None,
     max_legend_classes: int = 10,
+    legend: bool | None = None,
 ) -> Any:
     """Every class's utility ``U_c`` over the calibration range, with ``U_all`` on top.
 
@@ -46,6 +47,7 @@ def plot_utility_curves(
         max_legend_classes: up to this many classes, each class gets its own colour
             (matplotlib's ``tab10``/``tab20``) and a legend; beyond it every class line
             is the same faint blue, as in the paper's figure.
+        legend: draw a legend; default: when the classes have their own colours.
 
     Returns:
         The matplotlib ``Figure`` holding the axes. The axes hold one line per class
@@ -91,8 +93,9 @@ def plot_utility_curves(
     ax.set_title(
         title if title is not None else f"OPIS {result.opis:.3g}, ε-OPIS {result.eps_opis:.3g}"
     )
-    if distinct:
-        ax.legend(fontsize="small", loc="lower left")
+    show_legend = distinct if legend is None else legend
+    if show_legend:
+        ax.legend(fontsize="small", loc="best")
     return figure
 
 

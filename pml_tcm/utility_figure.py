@@ -32,6 +32,7 @@ def utility_comparison_figure(panels: Sequence[tuple[str, OPISResult]]):
             class_alpha=0.6,
             class_linewidth=1.0,
             title=f"{title}\nOPIS {result.opis:.3g}, ε-OPIS {result.eps_opis:.3g}",
+            legend=False,
         )
     axes[0][-1].legend(fontsize=7, loc="best")
     figure.tight_layout()
