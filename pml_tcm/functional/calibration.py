@@ -31,7 +31,6 @@ from .opis import (
     _PairStream,
     ceil_fraction_of,
     cosine_similarity_scores,
-    default_chunk_size,
     global_classes,
 )
 from .pairs import pair_masks
@@ -105,7 +104,7 @@ def calibrate_closeness_threshold(
         self_offset,
         score_fn,
         higher_is_closer,
-        chunk_size or default_chunk_size(references.shape[0]),
+        chunk_size,
     )
     positives, negatives = _pair_totals(stream)
     if target_far is not None:

@@ -205,7 +205,7 @@ class _PairStream:
         self_offset: int | None,
         score_fn: ScoreFn,
         higher_is_closer: bool,
-        chunk_size: int,
+        chunk_size: int | None,
     ) -> None:
         self.queries = queries
         self.query_labels = query_labels
@@ -216,7 +216,7 @@ class _PairStream:
         self.self_offset = self_offset
         self.score_fn = score_fn
         self.higher_is_closer = higher_is_closer
-        self.chunk_size = chunk_size
+        self.chunk_size = chunk_size or default_chunk_size(references.shape[0])
         self._normalized_references: Tensor | None = None
         self._score_buffer: Tensor | None = None
         self._mask_buffer: Tensor | None = None
@@ -683,7 +683,7 @@ def opis_update(
         self_offset,
         score_fn,
         higher_is_closer,
-        chunk_size or default_chunk_size(references.shape[0]),
+        chunk_size,
     )
     return _count_state(stream, closeness_grid.to(torch.float64))
 
@@ -1127,7 +1127,7 @@ def opis(
         query_offset if ref_includes_query else None,
         score_fn,
         higher_is_closer,
-        chunk_size or default_chunk_size(references.shape[0]),
+        chunk_size,
     )
     retained = None
     if calibration_range is not None:
