@@ -177,9 +177,11 @@ def test_runs_on_device(device):
     assert all(t.device.type == device for t in pairs)
 
 
-def test_compiles_without_graph_breaks():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiles_without_graph_breaks(backend):
     """fullgraph=True fails on any host sync (.item(), data-dependent Python branch)."""
-    compiled = torch.compile(tcm_loss, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(tcm_loss, fullgraph=True, backend=backend)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(40, 8, generator=gen, requires_grad=True)
     y = torch.randint(0, 4, (40,), generator=gen)
