@@ -9,8 +9,9 @@ from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from torch import Tensor
 
+from ._sharding import check_shard_queries, query_shard, score_function
 from .functional import validation
-from .functional.opis import OPISResult, cosine_similarity_scores, opis
+from .functional.opis import OPISResult, opis
 
 
 class OPISAccuracyCalculator(AccuracyCalculator):
@@ -69,8 +70,7 @@ class OPISAccuracyCalculator(AccuracyCalculator):
             raise ValueError(f"distance must be a pml distance, got {type(distance).__name__}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-        if shard_queries not in (True, False, "auto"):
-            raise ValueError(f"shard_queries must be True, False or 'auto', got {shard_queries!r}")
+        check_shard_queries(shard_queries)
         self.calibration_range = calibration_range
         self.far_range = tuple(far_range)
         self.num_thresholds = num_thresholds
@@ -116,13 +116,7 @@ class OPISAccuracyCalculator(AccuracyCalculator):
             return self.last_result
         query_labels = _integer_labels(query_labels, "query_labels")
         reference_labels = _integer_labels(reference_labels, "reference_labels")
-        start, end, distributed = 0, query.shape[0], self._sharded()
-        if distributed:
-            import torch.distributed as dist
-
-            rank, world = dist.get_rank(), dist.get_world_size()
-            start = query.shape[0] * rank // world
-            end = query.shape[0] * (rank + 1) // world
+        start, end, distributed = query_shard(query.shape[0], self.shard_queries)
         with torch.no_grad():
             self.last_result = opis(
                 query[start:end],
@@ -136,28 +130,12 @@ class OPISAccuracyCalculator(AccuracyCalculator):
                 num_thresholds=self.num_thresholds,
                 beta=self.beta,
                 epsilon=self.epsilon,
-                score_fn=self._score_fn(),
+                score_fn=score_function(self.distance),
                 higher_is_closer=self.distance.is_inverted,
                 chunk_size=self.chunk_size,
                 distributed=distributed,
             )
         return self.last_result
-
-    def _score_fn(self) -> Any:
-        # pml's plain CosineSimilarity is normalize + matmul: the functional default
-        # computes the same values and streams its blocks through one reused buffer.
-        distance = self.distance
-        if type(distance) is CosineSimilarity and distance.power == 1:
-            return cosine_similarity_scores
-        return distance
-
-    def _sharded(self) -> bool:
-        if self.shard_queries is False:
-            return False
-        initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if self.shard_queries is True and not initialised:
-            raise ValueError("shard_queries=True needs an initialised torch.distributed group")
-        return initialised and torch.distributed.get_world_size() > 1
 
     def calculate_opis(
         self,

@@ -9,6 +9,7 @@ import torch
 from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity
 from torch import Tensor
 
+from ._sharding import check_shard_queries, query_shard, score_function
 from .functional import validation
 from .functional.calibration import calibrate_closeness_threshold
 
@@ -112,6 +113,7 @@ def calibrate_threshold(
     ref_includes_query: bool = False,
     distance: BaseDistance | None = None,
     chunk_size: int | None = None,
+    shard_queries: bool | str = False,
 ) -> CalibrationReport:
     """The global threshold meeting a target FAR (or FRR) and its per-class FAR/FRR.
 
@@ -132,6 +134,11 @@ def calibrate_threshold(
         ref_includes_query: the reference starts with the embeddings (pml convention).
         distance: pml distance (default ``CosineSimilarity()``).
         chunk_size: query rows per streamed block.
+        shard_queries: ``True`` or ``"auto"`` (when a ``torch.distributed`` group with
+            several ranks is initialised) splits the queries over the ranks: each rank
+            streams its contiguous share against the whole reference set and the counts
+            are summed, so every rank gets the one-process report. Every rank must then
+            call with the same data. ``False`` (default) never communicates.
 
     Returns:
         A :class:`CalibrationReport`.
@@ -140,6 +147,7 @@ def calibrate_threshold(
         ValueError: naming the argument: bad targets, bad sets, no negative pair for a
             FAR target or no positive pair for an FRR target.
     """
+    check_shard_queries(shard_queries)
     if (target_far is None) == (target_frr is None):
         raise ValueError("give exactly one of target_far and target_frr")
     if target_far is not None and not (
@@ -168,18 +176,20 @@ def calibrate_threshold(
             raise ValueError("reference and embeddings have different embedding sizes")
         if ref_includes_query and reference.shape[0] < embeddings.shape[0]:
             raise ValueError("ref_includes_query: reference is shorter than embeddings")
+    start, end, distributed = query_shard(embeddings.shape[0], shard_queries)
     with torch.no_grad():
         closeness, classes, counts = calibrate_closeness_threshold(
-            embeddings,
-            labels.to(embeddings.device, torch.int64),
+            embeddings[start:end],
+            labels[start:end].to(embeddings.device, torch.int64),
             reference.to(embeddings.device, embeddings.dtype),
             reference_labels.to(embeddings.device, torch.int64),
             target_far=target_far,
             target_frr=target_frr,
-            self_offset=0 if ref_includes_query else None,
-            score_fn=distance,
+            self_offset=start if ref_includes_query else None,
+            score_fn=score_function(distance),
             higher_is_closer=distance.is_inverted,
             chunk_size=chunk_size,
+            distributed=distributed,
         )
     false_accepts, false_rejects, negatives, positives = (c.cpu() for c in counts)
     has_negatives, has_positives = negatives > 0, positives > 0

@@ -91,3 +91,61 @@ def test_two_gloo_processes_equal_one(tmp_path):
             assert torch.equal(mine[3], theirs[3])
             assert torch.equal(mine[4], theirs[4])
         assert got[-1] == expected_metrics
+
+
+def _calibration_worker(rank, init_file, out_dir):
+    from pml_tcm import calibrate_threshold
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    queries, labels = _problem()
+    distance = DotProductSimilarity(normalize_embeddings=False)
+    reports = [
+        calibrate_threshold(
+            queries, labels, target_far=0.05, distance=distance, chunk_size=7, shard_queries=True
+        ),
+        calibrate_threshold(
+            queries, labels, target_frr=0.2, distance=distance, chunk_size=7, shard_queries="auto"
+        ),
+    ]
+    torch.save(reports, f"{out_dir}/calibration{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sharded_calibration_equals_one_process(tmp_path):
+    from pml_tcm import calibrate_threshold
+
+    mp.spawn(
+        _calibration_worker,
+        args=(str(tmp_path / "init"), str(tmp_path)),
+        nprocs=WORLD,
+        join=True,
+    )
+    queries, labels = _problem()
+    distance = DotProductSimilarity(normalize_embeddings=False)
+    expected = [
+        calibrate_threshold(queries, labels, target_far=0.05, distance=distance),
+        calibrate_threshold(queries, labels, target_frr=0.2, distance=distance),
+    ]
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"calibration{rank}.pt", weights_only=False)
+        for mine, theirs in zip(got, expected, strict=True):
+            assert (mine.threshold, mine.far, mine.frr) == (
+                theirs.threshold,
+                theirs.far,
+                theirs.frr,
+            )
+            assert torch.equal(mine.class_far, theirs.class_far)
+            assert torch.equal(mine.class_frr, theirs.class_frr)
+            assert torch.equal(mine.classes, theirs.classes)
+
+
+def test_shard_queries_true_needs_a_process_group():
+    import pytest
+
+    from pml_tcm import calibrate_threshold
+
+    queries, labels = _problem()
+    with pytest.raises(ValueError, match="shard_queries"):
+        calibrate_threshold(queries, labels, target_far=0.1, shard_queries=True)
+    with pytest.raises(ValueError, match="shard_queries"):
+        calibrate_threshold(queries, labels, target_far=0.1, shard_queries="yes")
