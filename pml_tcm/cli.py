@@ -84,6 +84,12 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         "--far-range", nargs=2, type=float, default=(1e-3, 1e-2), metavar=("LO", "HI")
     )
     demo.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        default="cpu",
+        help="where to train and evaluate (auto: cuda when available; default cpu)",
+    )
+    demo.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -148,6 +154,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         tcm_weight=args.tcm_weight,
         tcm_miner=args.tcm_miner,
         far_range=tuple(args.far_range),
+        device=_resolve_device(args.device),
     )
     make_accuracy_calculator(base)  # rejects bad OPIS settings before any training
     print(
@@ -200,6 +207,16 @@ def _run_report(args: argparse.Namespace) -> int:
         out=args.out,
     )
     return 0
+
+
+def _resolve_device(choice: str) -> str:
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: torch sees no CUDA device here (use cpu or auto)")
+    return choice
 
 
 def _check_positive(args: argparse.Namespace, names: Sequence[str]) -> None:

@@ -61,6 +61,8 @@ class ArmConfig:
             base loss then sees only the TCM hard pairs).
         far_range: FAR range of the OPIS calibration.
         eval_batch_size: batch size of the tester.
+        device: ``"cpu"`` or ``"cuda"``: where the models, the loss and the batches live
+            (pml's ``data_device``); TCM and OPIS run on the embeddings' device.
     """
 
     loss: str = "multisimilarity"
@@ -78,6 +80,7 @@ class ArmConfig:
     tcm_miner: bool = False
     far_range: tuple[float, float] = (1e-3, 1e-2)
     eval_batch_size: int = 256
+    device: str = "cpu"
 
     @property
     def arm_name(self) -> str:
@@ -190,7 +193,7 @@ def build_trainer(
         dataset=dataset,
         mining_funcs=mining_funcs,
         iterations_per_epoch=iterations,
-        data_device=torch.device("cpu"),
+        data_device=torch.device(config.device),
         sampler=sampler,
         dataloader_num_workers=0,
         end_of_iteration_hook=end_of_iteration_hook,
@@ -225,7 +228,7 @@ def evaluate(
         normalize_embeddings=True,
         batch_size=config.eval_batch_size,
         dataloader_num_workers=0,
-        data_device=torch.device("cpu"),
+        data_device=torch.device(config.device),
         accuracy_calculator=calculator,
         end_of_testing_hook=keep_embeddings,
     )
@@ -256,11 +259,8 @@ def train_arm(config: ArmConfig, split: OpenWorldSplit) -> TrainedArm:
     """Seed, build and train one arm."""
     start = time.perf_counter()
     seed_everything(config.seed)
-    models = {
-        "trunk": make_trunk(split.input_shape, config.feature_size),
-        "embedder": make_embedder(config.feature_size, config.embedding_size),
-    }
-    loss = build_loss(config, split.num_train_classes)
+    models = _make_models(config, split)
+    loss = build_loss(config, split.num_train_classes).to(config.device)
     batch_losses: list[float] = []
 
     def record_loss(trainer: trainers.BaseTrainer) -> None:
@@ -269,6 +269,13 @@ def train_arm(config: ArmConfig, split: OpenWorldSplit) -> TrainedArm:
     trainer = build_trainer(config, split, models, loss, record_loss)
     trainer.train(num_epochs=config.epochs)
     return TrainedArm(models, batch_losses, time.perf_counter() - start)
+
+
+def _make_models(config: ArmConfig, split: OpenWorldSplit) -> dict[str, torch.nn.Module]:
+    return {
+        "trunk": make_trunk(split.input_shape, config.feature_size).to(config.device),
+        "embedder": make_embedder(config.feature_size, config.embedding_size).to(config.device),
+    }
 
 
 def checkpoint_path(config: ArmConfig, split: OpenWorldSplit, folder: Path) -> Path:
@@ -320,10 +327,11 @@ def run_arm(
 
 
 def _training_fields(config: ArmConfig) -> dict[str, Any]:
-    # What a checkpoint depends on: everything but the evaluation settings.
+    # What a checkpoint depends on: everything but the evaluation settings and the
+    # device (weights load on any device).
     fields = asdict(config)
-    for evaluation_only in ("far_range", "eval_batch_size"):
-        fields.pop(evaluation_only)
+    for not_a_training_field in ("far_range", "eval_batch_size", "device"):
+        fields.pop(not_a_training_field)
     return fields
 
 
@@ -338,10 +346,7 @@ def _load_checkpoint(
     saved = torch.load(path, map_location="cpu", weights_only=False)
     if saved.get("config") != _training_fields(config):
         return None
-    models = {
-        "trunk": make_trunk(split.input_shape, config.feature_size),
-        "embedder": make_embedder(config.feature_size, config.embedding_size),
-    }
+    models = _make_models(config, split)
     for name, model in models.items():
         model.load_state_dict(saved["models"][name])
     return TrainedArm(models, list(saved["batch_losses"]), float(saved["seconds"]))

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from pml_tcm.cli import main
 from pml_tcm.embedding_report import compute_report
@@ -133,6 +134,41 @@ def test_missing_dataset_is_one_line_and_exit_2(tmp_path, capsys):
     assert code == 2
     line = _one_error_line(capsys)
     assert "apt-get install dataset-fashion-mnist" in line and "--data-dir" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_demo_device_cuda_without_cuda_is_one_line_and_exit_2(capsys):
+    code = main(["demo", "--quick", "--device", "cuda"])
+    assert code == 2
+    assert "--device cuda" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "auto",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ),
+    ],
+)
+def test_demo_quick_on_a_chosen_device(tmp_path, capsys, device):
+    code = main(
+        [
+            "demo",
+            "--quick",
+            "--losses",
+            "arcface",
+            "--no-circle",
+            "--device",
+            device,
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    assert "| ArcFace | change |" in capsys.readouterr().out
 
 
 def test_demo_quick_on_digits_writes_table_and_figures(tmp_path, capsys):
