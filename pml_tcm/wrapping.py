@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any, TypeVar
 
-from pytorch_metric_learning.losses import BaseMetricLossFunction, CrossBatchMemory
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.losses.base_loss_wrapper import BaseLossWrapper
 from pytorch_metric_learning.reducers import DoNothingReducer, MultipleReducers
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 from torch import nn
@@ -31,7 +32,9 @@ def with_tcm(loss_fn: LossT, regularizer: TCMRegularizer | None = None, **tcm_kw
 
     Args:
         loss_fn: a pml ``BaseMetricLossFunction`` (pair, tuple or classification loss),
-            or a ``CrossBatchMemory`` / ``DistributedLossWrapper`` around one.
+            or a wrapper around one (``CrossBatchMemory``, ``SelfSupervisedLoss``,
+            ``DistributedLossWrapper``): TCM is attached to the wrapped loss, so it sees
+            the pairs the wrapper hands that loss.
         regularizer: the TCMRegularizer to attach; by default the one the loss already
             carries, else ``TCMRegularizer(**tcm_kwargs)``.
         **tcm_kwargs: TCMRegularizer arguments (``pos_margin``, ``neg_margin``,
@@ -46,12 +49,12 @@ def with_tcm(loss_fn: LossT, regularizer: TCMRegularizer | None = None, **tcm_kw
             ``regularizer`` and ``tcm_kwargs`` are given.
     """
     inner = loss_fn
-    while isinstance(inner, (CrossBatchMemory, DistributedLossWrapper)):
+    while isinstance(inner, (BaseLossWrapper, DistributedLossWrapper)):
         inner = inner.loss
     if not isinstance(inner, BaseMetricLossFunction):
         raise TypeError(
             "with_tcm expects a pytorch_metric_learning loss (BaseMetricLossFunction, or a "
-            f"CrossBatchMemory/DistributedLossWrapper around one), got {type(loss_fn).__name__}"
+            f"loss wrapper around one), got {type(loss_fn).__name__}"
         )
     if regularizer is not None and tcm_kwargs:
         raise ValueError("pass either regularizer or TCMRegularizer kwargs, not both")

@@ -192,6 +192,23 @@ def test_cross_batch_memory_counts_batch_vs_memory_pairs():
         assert (value - base).item() == pytest.approx(expected.item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_self_supervised_loss_wrapper(symmetric):
+    x, _ = batch(n=12, seed=13)
+    augmented, _ = batch(n=12, seed=14)
+    ids = torch.arange(12)
+    plain = losses.SelfSupervisedLoss(losses.ContrastiveLoss(), symmetric=symmetric)
+    wrapped = with_tcm(
+        losses.SelfSupervisedLoss(losses.ContrastiveLoss(), symmetric=symmetric), **MARGINS
+    )
+    if symmetric:  # the wrapper pairs the concatenation with itself
+        tcm = naive_tcm(torch.cat([x, augmented]), torch.cat([ids, ids]), **MARGINS)
+    else:  # embeddings against the augmentations as references
+        tcm = naive_tcm(x, ids, augmented, ids, **MARGINS)
+    expected = plain(x, augmented) + tcm
+    assert wrapped(x, augmented).item() == pytest.approx(expected.item(), rel=1e-10)
+
+
 def test_miner_returns_the_hard_pairs():
     x, y = batch(seed=7)
     ref, ref_y = batch(n=25, seed=8)
