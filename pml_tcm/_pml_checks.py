@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from pytorch_metric_learning.distances import CosineSimilarity
-from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import Tensor
 
@@ -20,6 +19,18 @@ def check_cosine_distance(distance: object, owner: str) -> None:
             f"similarities), got {type(distance).__name__}"
             + (f" with power={distance.power}" if hasattr(distance, "power") else "")
         )
+
+
+def to_device_async(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor`` on ``device`` without blocking the host.
+
+    pml's trainers hand labels over on the CPU; a plain ``.to(device)`` waits for the GPU
+    to finish its queue on every step. A non-blocking copy from pageable memory is staged
+    before it returns, so the source may change afterwards.
+    """
+    if tensor.device == device:
+        return tensor
+    return tensor.to(device, non_blocking=True)
 
 
 def prepare_batch(
@@ -39,7 +50,7 @@ def prepare_batch(
     if labels is None:
         raise ValueError(f"{owner} needs labels")
     validation.check_labels(labels, embeddings.shape[0], "labels")
-    labels = c_f.to_device(labels, embeddings)
+    labels = to_device_async(labels, embeddings.device)
     if ref_emb is embeddings:
         ref_emb = None
     if ref_emb is None:
@@ -56,7 +67,7 @@ def prepare_batch(
         if ref_labels is None:
             raise ValueError(f"{owner} needs ref_labels when ref_emb is given")
         validation.check_labels(ref_labels, ref_emb.shape[0], "ref_labels")
-        ref_labels = c_f.to_device(ref_labels, ref_emb)
+        ref_labels = to_device_async(ref_labels, ref_emb.device)
     if check_values:
         validation.check_embeddings_values(embeddings, "embeddings")
         if ref_emb is not None:
@@ -79,4 +90,4 @@ def as_pairs(
             f"(anchors1, positives, anchors2, negatives), got {len(indices_tuple)} tensors"
         )
     pairs = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
-    return tuple(c_f.to_device(torch.as_tensor(x), device=device).long() for x in pairs)
+    return tuple(to_device_async(torch.as_tensor(x), device).long() for x in pairs)

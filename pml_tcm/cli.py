@@ -126,6 +126,12 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
     report.add_argument("--target-far", type=float, default=1e-3)
     report.add_argument("--worst", type=int, default=5, help="how many worst classes to list")
     report.add_argument("--out", type=Path, default=Path("report_out"))
+    report.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        default="auto",
+        help="where to compute (auto: cuda when torch sees one, else cpu; default auto)",
+    )
     report.set_defaults(handler=_run_report)
 
 
@@ -205,6 +211,7 @@ def _run_report(args: argparse.Namespace) -> int:
         target_far=args.target_far,
         worst=args.worst,
         out=args.out,
+        device=_resolve_device(args.device),
     )
     return 0
 

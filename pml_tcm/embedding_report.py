@@ -138,17 +138,19 @@ def compute_report(
     reference_labels: np.ndarray | None = None,
     far_range: tuple[float, float] = (1e-3, 1e-2),
     target_far: float = 1e-3,
+    device: str | torch.device = "cpu",
 ) -> EmbeddingReport:
     """The report for in-memory arrays (see :func:`report_embeddings`).
 
     Without a reference set the embeddings are their own references, self pairs
-    excluded.
+    excluded. Everything (pml's k-NN metrics, OPIS, calibration) runs on ``device``.
 
     Raises:
         ValueError: bad settings or sets (e.g. a single class: no negative pair).
     """
-    queries = torch.nn.functional.normalize(torch.as_tensor(embeddings), dim=1)
-    query_labels = torch.as_tensor(labels)
+    device = torch.device(device)
+    queries = torch.nn.functional.normalize(torch.as_tensor(embeddings).to(device), dim=1)
+    query_labels = torch.as_tensor(labels).to(device)
     if reference is None:
         references, ref_labels, ref_includes_query = queries, query_labels, True
     else:
@@ -157,11 +159,11 @@ def compute_report(
                 f"reference has embedding size {reference.shape[1]}, embeddings "
                 f"{embeddings.shape[1]}"
             )
-        references = torch.nn.functional.normalize(torch.as_tensor(reference), dim=1)
-        references = references.to(queries.dtype)
-        ref_labels, ref_includes_query = torch.as_tensor(reference_labels), False
+        references = torch.as_tensor(reference).to(device=device, dtype=queries.dtype)
+        references = torch.nn.functional.normalize(references, dim=1)
+        ref_labels, ref_includes_query = torch.as_tensor(reference_labels).to(device), False
     calculator = OPISAccuracyCalculator(
-        far_range=far_range, include=REPORT_METRICS, k="max_bin_count"
+        far_range=far_range, include=REPORT_METRICS, k="max_bin_count", device=device
     )
     accuracies = calculator.get_accuracy(
         queries, query_labels, references, ref_labels, ref_includes_query
@@ -191,6 +193,7 @@ def report_embeddings(
     target_far: float = 1e-3,
     worst: int = 5,
     out: Path = Path("report_out"),
+    device: str | torch.device = "cpu",
 ) -> EmbeddingReport:
     """Load the files, print the report, write ``report.md`` and ``utility_curves.png``
     into ``out``.
@@ -210,7 +213,9 @@ def report_embeddings(
     if reference is not None:
         ref = load_embeddings(Path(reference), "reference")
         ref_labels = load_labels(Path(reference_labels), "reference labels", len(ref))
-    report = compute_report(query, query_labels, ref, ref_labels, far_range, target_far)
+    report = compute_report(
+        query, query_labels, ref, ref_labels, far_range, target_far, device=device
+    )
     from .plotting import plot_utility_curves
 
     text = report.text(worst)

@@ -206,6 +206,7 @@ def make_accuracy_calculator(config: ArmConfig) -> OPISAccuracyCalculator:
         far_range=config.far_range,
         include=METRICS,
         k="max_bin_count",
+        device=torch.device(config.device),  # pml's default would be CUDA whenever present
     )
 
 

@@ -75,18 +75,20 @@ class TCMMiner(BaseMiner):
             ValueError: bad embeddings or labels (shapes; NaN/Inf or zero-norm rows when
                 ``check_inputs``).
         """
-        # Our checks first, so that bad input gets our messages, not pml's asserts.
-        _pml_checks.prepare_batch(
+        # Our checks first, so that bad input gets our messages, not pml's asserts; the
+        # labels are moved without blocking, so pml's own move finds them in place.
+        labels, checked_ref_emb, ref_labels = _pml_checks.prepare_batch(
             embeddings, labels, ref_emb, ref_labels, self.check_inputs, "TCMMiner"
         )
+        if checked_ref_emb is None:
+            ref_labels = None
         return super().forward(embeddings, labels, ref_emb, ref_labels)
 
     def mine(
         self, embeddings: Tensor, labels: Tensor, ref_emb: Tensor, ref_labels: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        labels, ref_emb, ref_labels = _pml_checks.prepare_batch(
-            embeddings, labels, ref_emb, ref_labels, False, "TCMMiner"
-        )
+        if ref_emb is embeddings:  # pml's stand-in for "no reference set"
+            ref_emb, ref_labels = None, None
         return tcm_functional.tcm_hard_pairs(
             embeddings, labels, ref_emb, ref_labels, self.pos_margin, self.neg_margin
         )

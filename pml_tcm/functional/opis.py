@@ -874,7 +874,9 @@ def _guide_brackets(
     sampled = int(histogram.sum())
     if sampled == 0:
         return
-    from_top = histogram.flip(0).cumsum(0)
+    # the bracket search is host-side arithmetic on 2^16 counts: one copy, then no
+    # device tensor meets a Python scalar
+    from_top = histogram.flip(0).cumsum(0).cpu()
     width = (high - low) / GUIDE_BINS
     for target in targets:
         expected = target.rank / num_negatives * sampled
@@ -882,8 +884,8 @@ def _guide_brackets(
         margin = 6.0 * math.sqrt(expected) + 0.02 * expected + 2.0
         top_rank, bottom_rank = expected - margin, expected + margin
         # bins counted from the top; a bin holding rank r is the first with from_top >= r
-        top_bin = int(torch.searchsorted(from_top, torch.tensor(max(top_rank, 0.0)).double()))
-        bottom_bin = int(torch.searchsorted(from_top, torch.tensor(bottom_rank).double()))
+        top_bin = int(torch.searchsorted(from_top, torch.tensor(max(top_rank, 0.0))))
+        bottom_bin = int(torch.searchsorted(from_top, torch.tensor(bottom_rank)))
         # one more bin on each side for the rounding of the binning at bin edges
         hi_edge = GUIDE_BINS - top_bin + 1
         lo_edge = GUIDE_BINS - bottom_bin - 2
@@ -953,6 +955,7 @@ def _far_closeness_thresholds(
         extremes = torch.full((len(open_targets), 2), math.inf, dtype=torch.float64, device=device)
         collected: list[list[Tensor]] = [[] for _ in open_targets]
         collected_size = [0] * len(open_targets)
+        device_pivots = [None if t.pivots is None else t.pivots.to(device) for t in open_targets]
         for start, end in stream.chunks():
             pairs = stream.scan(floor, start, end, keep_positions=True)
             in_bracket: dict[tuple[float, float], Tensor] = {}  # targets may share one
@@ -968,7 +971,7 @@ def _far_closeness_thresholds(
                     extremes[j, 0] = torch.minimum(extremes[j, 0], inside.min())
                     extremes[j, 1] = torch.minimum(extremes[j, 1], -inside.max())
                 if target.pivots is not None:
-                    piece = torch.searchsorted(target.pivots.to(device), inside, right=True)
+                    piece = torch.searchsorted(device_pivots[j], inside, right=True)
                     counts[j, 2 : 2 + target.pivots.numel() + 1] += torch.bincount(
                         piece, minlength=target.pivots.numel() + 1
                     )
@@ -988,6 +991,8 @@ def _far_closeness_thresholds(
             [float(s > collect_limit) for s in collected_size], dtype=torch.float64, device=device
         )
         _all_reduce(overflow, distributed, "max")
+        # the bracket updates below are host-side: one copy each per pass
+        counts, extremes, overflow = counts.cpu(), extremes.cpu(), overflow.cpu()
         if keep_pairs is not None and floor <= retained_floor:
             retained, retained_floor = keep_pairs, floor
 

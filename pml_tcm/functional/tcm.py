@@ -15,6 +15,7 @@ read back to the host, so the term runs under ``torch.compile`` without graph br
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -34,6 +35,19 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def normalize(embeddings: Tensor) -> Tensor:
     """Unit-norm rows in the accumulation dtype. ``(N, D) -> (N, D)``."""
     return F.normalize(embeddings.to(accumulation_dtype(embeddings.dtype)), dim=1)
+
+
+def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device``: inside, TCM computes in its accumulation dtype.
+
+    Under fp16 autocast the similarity matrix and the hard-pair counts would be float16
+    (a count above 65504 becomes inf); under bf16 the similarities would be rounded to 8
+    bits, moving pairs across the margins.
+    """
+    is_available = getattr(torch.amp, "is_autocast_available", None)
+    if is_available is not None and is_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _comparison_bounds(pos_margin: float, neg_margin: float) -> tuple[float, float]:
@@ -89,7 +103,7 @@ def tcm_pair_weights(
     neg_weight: float,
     self_offset: int | None = None,
     pairs: PairIndices | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The TCM term as ``sum(W * S) + constant``, a linear function of the similarities.
 
     Args:
@@ -116,9 +130,10 @@ def tcm_pair_weights(
         num_pos, num_neg = torch.count_nonzero(hard_positive), torch.count_nonzero(hard_negative)
         pos_coef = _part_coefficient(pos_weight, num_pos, dtype)
         neg_coef = _part_coefficient(neg_weight, num_neg, dtype)
-        weights = sims.zero_()  # reuse the storage: S is not needed any more
-        weights.masked_fill_(hard_positive, -pos_coef)
-        weights.masked_fill_(hard_negative, neg_coef)
+        # W over S's storage (S is not needed any more). mul/where take the 0-dim device
+        # coefficients as tensor operands; masked_fill_ would read them back to the host.
+        weights = torch.mul(hard_positive, -pos_coef, out=sims)
+        torch.where(hard_negative, neg_coef, weights, out=weights)
     else:
         anchors_pos, positives, anchors_neg, negatives = pairs
         pos_sims = sims[anchors_pos, positives]
@@ -197,7 +212,36 @@ def tcm_loss_and_counts(
     neg_weight: float = 1.0,
     pairs: PairIndices | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`tcm_loss` plus the numbers of hard positive and hard negative pairs."""
+    """:func:`tcm_loss` plus the numbers of hard positive and hard negative pairs.
+
+    Autocast is switched off inside: similarities, counts and the result stay in the
+    accumulation dtype (float32, or float64 for float64 input).
+    """
+    with full_precision(embeddings.device):
+        return _tcm_loss_and_counts(
+            embeddings,
+            labels,
+            ref_embeddings,
+            ref_labels,
+            pos_margin,
+            neg_margin,
+            pos_weight,
+            neg_weight,
+            pairs,
+        )
+
+
+def _tcm_loss_and_counts(
+    embeddings: Tensor,
+    labels: Tensor,
+    ref_embeddings: Tensor | None,
+    ref_labels: Tensor | None,
+    pos_margin: float,
+    neg_margin: float,
+    pos_weight: float,
+    neg_weight: float,
+    pairs: PairIndices | None,
+) -> tuple[Tensor, Tensor, Tensor]:
     queries = normalize(embeddings)
     if ref_embeddings is None:
         references, ref_labels, self_offset = queries, labels, 0
@@ -240,14 +284,17 @@ def tcm_hard_pairs(
         Four ``(P,)`` int64 tensors: hard positive pairs ``(a1, p)`` (same label,
         ``S <= pos_margin``) and hard negative pairs ``(a2, n)`` (``S >= neg_margin``).
     """
-    queries = normalize(embeddings)
-    if ref_embeddings is None:
-        references, ref_labels, self_offset = queries, labels, 0
-    else:
-        references, self_offset = normalize(ref_embeddings), None
-    hard_positive, hard_negative = hard_pair_masks(
-        queries @ references.T, labels, ref_labels, pos_margin, neg_margin, self_offset
-    )
+    if ref_embeddings is not None and ref_labels is None:
+        raise ValueError("ref_labels is required when ref_embeddings is given")
+    with full_precision(embeddings.device):
+        queries = normalize(embeddings)
+        if ref_embeddings is None:
+            references, ref_labels, self_offset = queries, labels, 0
+        else:
+            references, self_offset = normalize(ref_embeddings), None
+        hard_positive, hard_negative = hard_pair_masks(
+            queries @ references.T, labels, ref_labels, pos_margin, neg_margin, self_offset
+        )
     anchors_pos, positives = torch.nonzero(hard_positive, as_tuple=True)
     anchors_neg, negatives = torch.nonzero(hard_negative, as_tuple=True)
     return anchors_pos, positives, anchors_neg, negatives
