@@ -18,6 +18,11 @@ Usage::
 
     python benchmarks/opis_speed.py                 # N = 5k, 20k, 100k
     python benchmarks/opis_speed.py --sizes 2000 5000
+    python benchmarks/opis_speed.py --device cuda   # on a GPU
+
+On CUDA each measurement first runs once on a small set (kernel loading), times the call up
+to a ``torch.cuda.synchronize()``, and reports the growth of
+``torch.cuda.max_memory_allocated`` as the peak.
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ def run_floor_buffered(x, y):
 
     chunk = default_chunk_size(x.shape[0])
     q = F.normalize(x, dim=1)
-    buffer = torch.empty(min(chunk, x.shape[0]) * x.shape[0])
+    buffer = x.new_empty(min(chunk, x.shape[0]) * x.shape[0])
     total = 0.0
     for s in range(0, x.shape[0], chunk):
         rows = min(chunk, x.shape[0] - s)
@@ -97,8 +102,9 @@ def run_naive(x, y):
     del negatives
     grid = torch.linspace(t_lo, t_hi, 1000, dtype=torch.float64)
     classes = torch.unique(y)
-    tp = torch.zeros(len(classes), 1000)
-    fp = torch.zeros(len(classes), 1000)
+    grid = grid.to(x.device)
+    tp = torch.zeros(len(classes), 1000, device=x.device)
+    fp = torch.zeros(len(classes), 1000, device=x.device)
     for i, c in enumerate(classes):
         rows = scores[y == c]
         same_rows = same[y == c]
@@ -109,30 +115,43 @@ def run_naive(x, y):
     return {"t_lo": t_lo, "t_hi": t_hi}
 
 
-def child(kind: str, n: int) -> None:
+def child(kind: str, n: int, device: str = "cpu") -> None:
     import torch
 
-    x, y = make_data(n)
-    torch.manual_seed(0)
-    (x[:8] @ x[:8].T).sum()  # warm up the BLAS threads
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
     runs = {
         "opis": run_opis,
         "floor": run_floor,
         "floor_buffered": run_floor_buffered,
         "naive": run_naive,
     }
+    cuda = device != "cpu"
+    x, y = make_data(n)
+    x, y = x.to(device), y.to(device)
+    torch.manual_seed(0)
+    (x[:8] @ x[:8].T).sum()  # warm up the BLAS threads
+    if cuda:
+        runs[kind](*(t.to(device) for t in make_data(1000)))  # load the kernels
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
     info = runs[kind](x, y)
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    info.update(seconds=seconds, peak_mb=(peak - before) / 1024)
+    if cuda:
+        peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
+    else:
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    info.update(seconds=seconds, peak_mb=peak_mb)
     print(json.dumps(info))
 
 
-def measure(kind: str, n: int) -> dict:
+def measure(kind: str, n: int, device: str = "cpu") -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", kind, str(n)],
+        [sys.executable, __file__, "--child", kind, str(n), "--device", device],
         capture_output=True,
         text=True,
         check=True,
@@ -145,13 +164,15 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 100000])
     parser.add_argument("--naive-max", type=int, default=20000, help="largest N for naive")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]))
+        child(args.child[0], int(args.child[1]), args.device)
         return
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, D={D}, float32")
+    where = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, D={D}, float32, {where}")
     header = (
         "| N | OPIS+ε-OPIS (s) | Q·Rᵀ floor (s) | ratio | buffered floor (s) | ratio to it "
         "| OPIS peak MB | floor peak MB | naive (s) | naive peak MB | OPIS | ε-OPIS |"
@@ -159,10 +180,10 @@ def main() -> None:
     print(header)
     print("|---" * 12 + "|")
     for n in args.sizes:
-        o = measure("opis", n)
-        f = measure("floor", n)
-        b = measure("floor_buffered", n)
-        naive = measure("naive", n) if n <= args.naive_max else None
+        o = measure("opis", n, args.device)
+        f = measure("floor", n, args.device)
+        b = measure("floor_buffered", n, args.device)
+        naive = measure("naive", n, args.device) if n <= args.naive_max else None
         naive_s = f"{naive['seconds']:.2f}" if naive else "—"
         naive_mb = f"{naive['peak_mb']:.0f}" if naive else "—"
         print(

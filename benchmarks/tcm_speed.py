@@ -15,6 +15,11 @@ step (inputs already allocated), each method in a fresh subprocess; Linux only.
 
     python benchmarks/tcm_speed.py                 # the full table
     python benchmarks/tcm_speed.py --sizes 256 1024
+    python benchmarks/tcm_speed.py --device cuda   # on a GPU: CUDA events are not needed,
+                                                   # each step ends with a synchronize
+
+On CUDA the peak memory is the growth of ``torch.cuda.max_memory_allocated`` over the
+memory allocated before the step (the caching allocator's view, not the driver's).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ PML_BYTES_PER_PAIR = DIM * 4 * 6
 PML_MEMORY_LIMIT = 14e9
 
 
-def make_step(method: str, n: int):
+def make_step(method: str, n: int, device: str = "cpu"):
     import torch
     import torch.nn.functional as F
     from pytorch_metric_learning.losses import ThresholdConsistentMarginLoss
@@ -41,8 +46,8 @@ def make_step(method: str, n: int):
     from pml_tcm import TCMRegularizer
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, DIM, generator=gen).requires_grad_()
-    y = torch.randint(0, max(1, n // 10), (n,), generator=gen)
+    x = torch.randn(n, DIM, generator=gen).to(device).requires_grad_()
+    y = torch.randint(0, max(1, n // 10), (n,), generator=gen).to(device)
     if method == "floor":
 
         def loss_fn():
@@ -64,11 +69,18 @@ def make_step(method: str, n: int):
     def step():
         x.grad = None
         loss_fn().backward()
+        if device != "cpu":
+            torch.cuda.synchronize()
 
     return step
 
 
-def pml_fits(n: int) -> bool:
+def pml_fits(n: int, device: str = "cpu") -> bool:
+    if device != "cpu":
+        import torch
+
+        limit = 0.6 * torch.cuda.get_device_properties(0).total_memory
+        return n * (n - 1) * PML_BYTES_PER_PAIR <= limit
     return n * (n - 1) * PML_BYTES_PER_PAIR <= PML_MEMORY_LIMIT
 
 
@@ -92,7 +104,24 @@ def peak_memory_child(method: str, n: int) -> None:
     print(json.dumps({"peak_bytes": (peak - before) * 1024}))
 
 
-def peak_memory(method: str, n: int) -> float:
+def cuda_peak_memory(method: str, n: int) -> float:
+    import torch
+
+    make_step(method, 64, "cuda")()
+    step = make_step(method, n, "cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    peak = torch.cuda.max_memory_allocated() - before
+    del step
+    torch.cuda.empty_cache()
+    return peak
+
+
+def peak_memory(method: str, n: int, device: str = "cpu") -> float:
+    if device != "cpu":
+        return cuda_peak_memory(method, n)
     out = subprocess.run(
         [sys.executable, __file__, "--memory-child", method, str(n)],
         check=True,
@@ -102,8 +131,8 @@ def peak_memory(method: str, n: int) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
 
 
-def median_times(methods: list[str], n: int, reps: int) -> dict[str, float]:
-    steps = {m: make_step(m, n) for m in methods}
+def median_times(methods: list[str], n: int, reps: int, device: str = "cpu") -> dict[str, float]:
+    steps = {m: make_step(m, n, device) for m in methods}
     for step in steps.values():
         step()  # warm-up
     times: dict[str, list[float]] = {m: [] for m in methods}
@@ -122,6 +151,7 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
     parser.add_argument("--memory-child", nargs=2, metavar=("METHOD", "N"))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -133,7 +163,10 @@ def main() -> None:
 
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, D={DIM}, float32, CPU")
+    device = args.device
+    where = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, D={DIM}, float32, {where}")
     header = (
         "| N | floor ms | pml_tcm ms | pml_tcm / floor | pml ms | pml / pml_tcm "
         "| floor peak MB | pml_tcm peak MB | pml peak MB |"
@@ -141,12 +174,14 @@ def main() -> None:
     print(header)
     print("|---" * 9 + "|")
     for n in args.sizes:
-        methods = ["floor", "pml_tcm"] + (["pml"] if pml_fits(n) else [])
+        methods = ["floor", "pml_tcm"] + (["pml"] if pml_fits(n, device) else [])
         reps = 15 if n <= 1024 else 7 if n <= 4096 else 3
-        times = median_times(["floor", "pml_tcm"], n, reps)
+        if device != "cpu":
+            reps = 25
+        times = median_times(["floor", "pml_tcm"], n, reps, device)
         if "pml" in methods:
-            times.update(median_times(["pml"], n, 3))
-        memory = {m: peak_memory(m, n) for m in methods}
+            times.update(median_times(["pml"], n, 3, device))
+        memory = {m: peak_memory(m, n, device) for m in methods}
 
         ms = {m: f"{t * 1e3:.1f}" for m, t in times.items()}
         mb = {m: f"{b / 2**20:.0f}" for m, b in memory.items()}
