@@ -37,15 +37,18 @@ def normalize(embeddings: Tensor) -> Tensor:
     return F.normalize(embeddings.to(accumulation_dtype(embeddings.dtype)), dim=1)
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
 def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off on ``device``: inside, TCM computes in its accumulation dtype.
 
     Under fp16 autocast the similarity matrix and the hard-pair counts would be float16
     (a count above 65504 becomes inf); under bf16 the similarities would be rounded to 8
-    bits, moving pairs across the margins.
+    bits, moving pairs across the margins. (A plain device-type test: torch.compile
+    cannot trace ``torch.amp.is_autocast_available``.)
     """
-    is_available = getattr(torch.amp, "is_autocast_available", None)
-    if is_available is not None and is_available(device.type):
+    if device.type in _AUTOCAST_DEVICES:
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
 
