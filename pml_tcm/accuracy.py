@@ -13,9 +13,15 @@ from ._sharding import check_shard_queries, query_shard, score_function
 from .functional import validation
 from .functional.opis import OPISResult, opis
 
+OPIS_METRICS = ("opis", "eps_opis", "neg_opis", "neg_eps_opis")
+
 
 class OPISAccuracyCalculator(AccuracyCalculator):
     """Adds the metrics ``"opis"`` and ``"eps_opis"`` to pml's ``AccuracyCalculator``.
+
+    Also ``"neg_opis"`` and ``"neg_eps_opis"`` (minus each, from the same pass): pml's
+    ``HookContainer`` keeps the epoch with the *largest* primary metric, and OPIS is
+    lower-is-better, so select models with ``HookContainer(primary_metric="neg_opis")``.
 
     The definitions (pairs, F-β utility, FAR-defined calibration range, grid mean, the
     rule for classes without positives) are those of :mod:`pml_tcm.functional.opis`.
@@ -88,7 +94,7 @@ class OPISAccuracyCalculator(AccuracyCalculator):
             )
 
     def _opis_requested(self) -> bool:
-        return any(m in self.get_curr_metrics() for m in ("opis", "eps_opis"))
+        return any(m in self.get_curr_metrics() for m in OPIS_METRICS)
 
     def get_accuracy(self, query: Any, query_labels: Any, *args: Any, **kwargs: Any) -> dict:
         """pml's ``get_accuracy``; NaN/Inf embeddings are rejected first, naming the set."""
@@ -168,6 +174,36 @@ class OPISAccuracyCalculator(AccuracyCalculator):
             query, query_labels, reference, reference_labels, ref_includes_query
         )
         return result.eps_opis
+
+    def calculate_neg_opis(
+        self,
+        query: Tensor,
+        query_labels: Tensor,
+        reference: Tensor,
+        reference_labels: Tensor,
+        ref_includes_query: bool,
+        **kwargs: Any,
+    ) -> float:
+        """Minus OPIS, for selection by pml's ``HookContainer`` (which keeps the largest)."""
+        result = self._opis_result(
+            query, query_labels, reference, reference_labels, ref_includes_query
+        )
+        return -result.opis
+
+    def calculate_neg_eps_opis(
+        self,
+        query: Tensor,
+        query_labels: Tensor,
+        reference: Tensor,
+        reference_labels: Tensor,
+        ref_includes_query: bool,
+        **kwargs: Any,
+    ) -> float:
+        """Minus ε-OPIS."""
+        result = self._opis_result(
+            query, query_labels, reference, reference_labels, ref_includes_query
+        )
+        return -result.eps_opis
 
 
 def _integer_labels(labels: Tensor, name: str) -> Tensor:

@@ -42,14 +42,19 @@ class TCMRegularizer(BaseRegularizer):
         neg_weight: lambda- >= 0.
         check_inputs: check for NaN/Inf and zero-norm rows (one host-device sync per
             call). Set False for a sync-free step, e.g. under ``torch.compile``.
-        **kwargs: passed to pml's ``BaseRegularizer`` (``reducer``, ``distance``,
-            ``collect_stats``). ``distance`` must be ``CosineSimilarity()``.
+        **kwargs: passed to pml's ``BaseRegularizer`` (``distance``, ``collect_stats``).
+            ``distance`` must be ``CosineSimilarity()``. ``reducer`` is refused: the term
+            is already reduced (each part is a mean over its hard pairs), and a pml
+            reducer would pass it through unchanged.
 
     Raises:
-        ValueError: margins or weights out of range, or another distance.
+        ValueError: margins or weights out of range, another distance, or a reducer.
 
-    Recorded stats (with ``collect_stats=True``): ``num_hard_pos_pairs``,
-    ``num_hard_neg_pairs`` (0-dim tensors, read lazily).
+    Recorded stats (with ``collect_stats=True``, pml's stat mechanism, so that pml's
+    record-keeper logs them beside the loss): ``tcm_value`` (the term of the last call),
+    ``num_hard_pos_pairs``, ``num_hard_neg_pairs``. They are 0-dim tensors on the
+    embeddings' device, read by the logger, not here: no host sync; with
+    ``collect_stats=False`` they are not kept.
     """
 
     def __init__(
@@ -61,6 +66,12 @@ class TCMRegularizer(BaseRegularizer):
         check_inputs: bool = True,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("reducer") is not None:
+            raise ValueError(
+                "TCMRegularizer takes no reducer: the TCM term is already reduced (each "
+                "part is the mean over its hard pairs). To weight it, set the loss's "
+                "embedding_reg_weight."
+            )
         super().__init__(**kwargs)
         _pml_checks.check_cosine_distance(self.distance, "TCMRegularizer")
         validation.check_margins(pos_margin, neg_margin)
@@ -77,7 +88,7 @@ class TCMRegularizer(BaseRegularizer):
             is_stat=False,
         )
         self.add_to_recordable_attributes(
-            list_of_names=["num_hard_pos_pairs", "num_hard_neg_pairs"], is_stat=True
+            list_of_names=["tcm_value", "num_hard_pos_pairs", "num_hard_neg_pairs"], is_stat=True
         )
 
     def get_default_distance(self) -> CosineSimilarity:
@@ -98,7 +109,9 @@ class TCMRegularizer(BaseRegularizer):
             labels: ``(N,)`` integer labels; ``None`` only when called by a
                 :func:`pml_tcm.with_tcm` loss, which supplies them.
             indices_tuple: optional pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``;
-                only these pairs are considered.
+                only these pairs are considered. (Through :func:`pml_tcm.with_tcm` TCM
+                sees all pairs of the call unless it was attached with
+                ``pairs="mined"``.)
             ref_emb: optional ``(M, D)`` reference embeddings.
             ref_labels: ``(M,)`` reference labels, required with ``ref_emb``.
 
@@ -110,19 +123,26 @@ class TCMRegularizer(BaseRegularizer):
                 labels (shapes; NaN/Inf or zero-norm rows when ``check_inputs``).
         """
         self.reset_stats()
+        own_slots = None
         if labels is None:
-            if self._call_context is None:
+            context = self._call_context
+            if context is None:
                 raise ValueError(_NEEDS_WITH_TCM)
-            labels = self._call_context["labels"]
-            indices_tuple = self._call_context["indices_tuple"]
-            ref_emb = self._call_context["ref_emb"]
-            ref_labels = self._call_context["ref_labels"]
+            labels = context["labels"]
+            indices_tuple = context["indices_tuple"]
+            ref_emb = context["ref_emb"]
+            ref_labels = context["ref_labels"]
+            own_slots = context["own_slots"]
             if labels is None:
                 raise ValueError("the loss TCM is attached to was called without labels")
         labels, ref_emb, ref_labels = _pml_checks.prepare_batch(
             embeddings, labels, ref_emb, ref_labels, self.check_inputs, "TCMRegularizer"
         )
-        loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        self_columns = None
+        if own_slots is not None and ref_emb is not None:
+            self_columns = own_slots.columns(embeddings.shape[0], embeddings.device)
+        loss = self._term(embeddings, labels, indices_tuple, ref_emb, ref_labels, self_columns)
+        loss_dict = {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
         return self.reducer(loss_dict, embeddings, labels)
 
     def compute_loss(
@@ -133,6 +153,19 @@ class TCMRegularizer(BaseRegularizer):
         ref_emb: Tensor | None,
         ref_labels: Tensor | None,
     ) -> dict[str, dict[str, Any]]:
+        """pml's hook: the term as an already-reduced loss dict."""
+        loss = self._term(embeddings, labels, indices_tuple, ref_emb, ref_labels, None)
+        return {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
+
+    def _term(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        indices_tuple: tuple[Tensor, ...] | None,
+        ref_emb: Tensor | None,
+        ref_labels: Tensor | None,
+        self_columns: Tensor | None,
+    ) -> Tensor:
         pairs = _pml_checks.as_pairs(
             indices_tuple, labels, labels if ref_labels is None else ref_labels, embeddings.device
         )
@@ -146,7 +179,9 @@ class TCMRegularizer(BaseRegularizer):
             self.pos_weight,
             self.neg_weight,
             pairs,
+            self_columns,
         )
         if self.collect_stats:
+            self.tcm_value = loss.detach()
             self.num_hard_pos_pairs, self.num_hard_neg_pairs = num_pos, num_neg
-        return {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
+        return loss

@@ -3,32 +3,51 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-from pytorch_metric_learning.losses import BaseMetricLossFunction
+import torch
+from pytorch_metric_learning.losses import BaseMetricLossFunction, CrossBatchMemory
 from pytorch_metric_learning.losses.base_loss_wrapper import BaseLossWrapper
 from pytorch_metric_learning.reducers import DoNothingReducer, MultipleReducers
-from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
-from torch import nn
+from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, is_distributed
+from torch import Tensor, nn
 
 from .regularizer import TCMRegularizer
 
 LossT = TypeVar("LossT", bound=nn.Module)
 
 _CALL_ARGUMENTS = ("embeddings", "labels", "indices_tuple", "ref_emb", "ref_labels")
+_PAIRS = ("all", "mined")
 
 
-def with_tcm(loss_fn: LossT, regularizer: TCMRegularizer | None = None, **tcm_kwargs: Any) -> LossT:
+def with_tcm(
+    loss_fn: LossT,
+    regularizer: TCMRegularizer | None = None,
+    pairs: Literal["all", "mined"] = "all",
+    **tcm_kwargs: Any,
+) -> LossT:
     """Add the TCM term to a pml loss; returns the same loss object.
 
     The loss gets a :class:`~pml_tcm.TCMRegularizer` as its ``embedding_regularizer``
-    (scaled by its ``embedding_reg_weight``, reduced as pml would reduce it) and, on
-    every call, hands it the labels, ``ref_emb``/``ref_labels`` and ``indices_tuple`` it
-    was called with. So the loss returns ``base loss + embedding_reg_weight * TCM`` over
-    the same pairs the base loss sees: batch-vs-memory pairs inside
-    ``losses.CrossBatchMemory``, the global or local-vs-global batch inside
-    ``utils.distributed.DistributedLossWrapper``, the mined pairs given as
-    ``indices_tuple``.
+    (scaled by its ``embedding_reg_weight``; pml adds it as an already-reduced sub-loss
+    ``embedding_reg_loss``) and, on every call, hands it the labels and
+    ``ref_emb``/``ref_labels`` it was called with. The loss returns
+    ``base loss + embedding_reg_weight * TCM``.
+
+    Which pairs TCM sees (``pairs="all"``, the paper's batch regularizer): every pair the
+    call defines, whatever ``indices_tuple`` a miner passed to the base loss — batch x
+    batch without self pairs; batch x ``ref_emb``; inside ``losses.CrossBatchMemory``,
+    batch x memory; inside ``utils.distributed.DistributedLossWrapper``, the global (or
+    local x global) batch. So a miner in front of the loss never switches TCM off.
+    ``pairs="mined"`` restricts TCM to the pairs of ``indices_tuple`` when one is given.
+
+    Each sample's own slot (its copy in the memory of a ``CrossBatchMemory``, itself in
+    the gathered batch of an ``efficient=True`` ``DistributedLossWrapper``) is left out
+    when ``with_tcm`` is applied to the wrapper (``with_tcm(CrossBatchMemory(loss, ...))``).
+    Applied to the inner loss only, TCM cannot tell the own slot from another reference:
+    it counts as a positive pair of similarity 1, which is hard only when
+    ``pos_margin >= 1`` (up to rounding), so for any ``pos_margin`` below about
+    ``1 - 1e-6`` both orders give the same value.
 
     Args:
         loss_fn: a pml ``BaseMetricLossFunction`` (pair, tuple or classification loss),
@@ -37,6 +56,7 @@ def with_tcm(loss_fn: LossT, regularizer: TCMRegularizer | None = None, **tcm_kw
             the pairs the wrapper hands that loss.
         regularizer: the TCMRegularizer to attach; by default the one the loss already
             carries, else ``TCMRegularizer(**tcm_kwargs)``.
+        pairs: ``"all"`` (default) or ``"mined"``, see above.
         **tcm_kwargs: TCMRegularizer arguments (``pos_margin``, ``neg_margin``,
             ``pos_weight``, ``neg_weight``, ...), when no regularizer is given.
 
@@ -45,11 +65,15 @@ def with_tcm(loss_fn: LossT, regularizer: TCMRegularizer | None = None, **tcm_kw
 
     Raises:
         TypeError: ``loss_fn`` is not a pml loss, or ``regularizer`` not a TCMRegularizer.
-        ValueError: the loss already carries another embedding regularizer, or both
-            ``regularizer`` and ``tcm_kwargs`` are given.
+        ValueError: the loss already carries another embedding regularizer, both
+            ``regularizer`` and ``tcm_kwargs`` are given, or ``pairs`` is unknown.
     """
+    if pairs not in _PAIRS:
+        raise ValueError(f"pairs must be 'all' or 'mined', got {pairs!r}")
+    wrappers = []
     inner = loss_fn
     while isinstance(inner, (BaseLossWrapper, DistributedLossWrapper)):
+        wrappers.append(inner)
         inner = inner.loss
     if not isinstance(inner, BaseMetricLossFunction):
         raise TypeError(
@@ -73,19 +97,116 @@ def with_tcm(loss_fn: LossT, regularizer: TCMRegularizer | None = None, **tcm_kw
                 "configure that one instead of passing TCMRegularizer kwargs"
             )
         regularizer = current if current is not None else TCMRegularizer(**tcm_kwargs)
-    _attach(inner, regularizer)
+    call = _attach(inner, regularizer, pairs)
+    for wrapper in wrappers:
+        if isinstance(wrapper, CrossBatchMemory):
+            _set_forward(wrapper, _MemoryCall(wrapper, call))
+        elif isinstance(wrapper, DistributedLossWrapper) and wrapper.efficient:
+            _set_forward(wrapper, _GatheredCall(wrapper, call))
     return loss_fn
 
 
-def _attach(loss: BaseMetricLossFunction, regularizer: TCMRegularizer) -> None:
+def _attach(loss: BaseMetricLossFunction, regularizer: TCMRegularizer, pairs: str) -> _TCMCall:
     had_regularizer = loss.embedding_regularizer is not None
     loss.embedding_regularizer = regularizer
     if not had_regularizer:
         loss.add_to_recordable_attributes(list_of_names=["embedding_reg_weight"], is_stat=False)
         _add_reducer_entry(loss)
-    if _hand_call_to_regularizer not in loss._forward_pre_hooks.values():
-        loss.register_forward_pre_hook(_hand_call_to_regularizer, with_kwargs=True)
-        loss.register_forward_hook(_clear_regularizer_call, always_call=True)
+    call = loss.__dict__.get("forward")
+    if not isinstance(call, _TCMCall):
+        call = _TCMCall(loss)
+        _set_forward(loss, call)
+    call.pairs = pairs
+    return call
+
+
+def _set_forward(module: nn.Module, forward: Any) -> None:
+    # An instance attribute shadows the class's forward; nn.Module.__call__ finds it. Not
+    # a torch hook: pml's HookContainer logs every dict attribute of a loss, and torch
+    # keeps int-keyed dicts for hooks registered with kwargs.
+    if not isinstance(module.__dict__.get("forward"), (_TCMCall, _MemoryCall, _GatheredCall)):
+        module.forward = forward
+
+
+class _TCMCall:
+    """The forward of a loss carrying TCM: hands the call to the regularizer, then runs
+    the loss class's own forward. Picklable and deep-copyable with its loss."""
+
+    def __init__(self, loss: BaseMetricLossFunction) -> None:
+        self.loss = loss
+        self.pairs = "all"
+        self.own_slots: Tensor | None = None  # set by an enclosing wrapper's call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        call = dict(zip(_CALL_ARGUMENTS, args, strict=False))
+        call.update({k: v for k, v in kwargs.items() if k in _CALL_ARGUMENTS})
+        regularizer = self.loss.embedding_regularizer
+        if isinstance(regularizer, TCMRegularizer):
+            regularizer._call_context = {
+                "labels": call.get("labels"),
+                "indices_tuple": call.get("indices_tuple") if self.pairs == "mined" else None,
+                "ref_emb": call.get("ref_emb"),
+                "ref_labels": call.get("ref_labels"),
+                "own_slots": self.own_slots if call.get("ref_emb") is not None else None,
+            }
+        try:
+            return type(self.loss).forward(self.loss, *args, **kwargs)
+        finally:
+            if isinstance(regularizer, TCMRegularizer):
+                regularizer._call_context = None
+
+
+class _MemoryCall:
+    """The forward of a CrossBatchMemory around a TCM loss: tells TCM each sample's own
+    memory slot (when the batch is enqueued, as pml then removes those pairs)."""
+
+    def __init__(self, memory: CrossBatchMemory, inner: _TCMCall) -> None:
+        self.memory = memory
+        self.inner = inner
+
+    def __call__(self, embeddings: Tensor, labels: Tensor, *args: Any, **kwargs: Any) -> Any:
+        enqueue_mask = args[1] if len(args) > 1 else kwargs.get("enqueue_mask")
+        memory = self.memory
+        self.inner.own_slots = _OwnSlots(memory) if enqueue_mask is None else None
+        try:
+            return type(memory).forward(memory, embeddings, labels, *args, **kwargs)
+        finally:
+            self.inner.own_slots = None
+
+
+class _GatheredCall:
+    """The forward of an ``efficient=True`` DistributedLossWrapper around a TCM loss: the
+    gathered references start with the local batch, so sample ``i``'s own slot is ``i``."""
+
+    def __init__(self, wrapper: DistributedLossWrapper, inner: _TCMCall) -> None:
+        self.wrapper = wrapper
+        self.inner = inner
+
+    def __call__(self, embeddings: Tensor, *args: Any, **kwargs: Any) -> Any:
+        call = dict(zip(_CALL_ARGUMENTS[1:], args, strict=False))
+        call.update(kwargs)
+        gathers_batch = call.get("ref_emb") is None and is_distributed()
+        self.inner.own_slots = _LeadingSlots() if gathers_batch else None
+        try:
+            return type(self.wrapper).forward(self.wrapper, embeddings, *args, **kwargs)
+        finally:
+            self.inner.own_slots = None
+
+
+class _OwnSlots:
+    """Own memory slots of the batch just enqueued: read when TCM runs (after pml's
+    ``add_to_memory`` has set them)."""
+
+    def __init__(self, memory: CrossBatchMemory) -> None:
+        self.memory = memory
+
+    def columns(self, num_queries: int, device: torch.device) -> Tensor:
+        return self.memory.curr_batch_idx.to(device)
+
+
+class _LeadingSlots:
+    def columns(self, num_queries: int, device: torch.device) -> Tensor:
+        return torch.arange(num_queries, device=device)
 
 
 def _add_reducer_entry(loss: BaseMetricLossFunction) -> None:
@@ -100,17 +221,3 @@ def _add_reducer_entry(loss: BaseMetricLossFunction) -> None:
         return
     # A single reducer: pml builds one copy per sub-loss once there are several.
     loss.set_reducer(reducer)
-
-
-def _hand_call_to_regularizer(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    call = dict(zip(_CALL_ARGUMENTS, args, strict=False))
-    call.update({k: v for k, v in kwargs.items() if k in _CALL_ARGUMENTS})
-    module.embedding_regularizer._call_context = {
-        name: call.get(name) for name in _CALL_ARGUMENTS[1:]
-    }
-
-
-def _clear_regularizer_call(module: nn.Module, args: tuple, output: Any) -> None:
-    regularizer = module.embedding_regularizer
-    if isinstance(regularizer, TCMRegularizer):
-        regularizer._call_context = None

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from pytorch_metric_learning import losses
+from pytorch_metric_learning import losses, miners
 from pytorch_metric_learning.utils import distributed as pml_dist
 
 WORLD = 2
@@ -60,6 +60,27 @@ def _worker(rank, init_file):
         indices = pml_dist.get_indices_tuple(local_y, gathered_y)
         base = losses.ContrastiveLoss()(local_x, local_y, indices, gathered_x, gathered_y)
         tcm = naive_tcm(local_x, local_y, gathered_x, gathered_y, pairs=indices, **MARGINS)
+        expected = WORLD * (base + tcm)
+        assert abs(value.item() - expected.item()) < 1e-10, (value.item(), expected.item())
+
+        # a miner's pairs do not restrict TCM: still the global batch
+        mined_pairs = miners.MultiSimilarityMiner(epsilon=0.0)(local_x, local_y)  # few pairs
+        wrapper = pml_dist.DistributedLossWrapper(with_tcm(losses.ContrastiveLoss(), **MARGINS))
+        value = wrapper(local_x, local_y, mined_pairs)
+        base = losses.ContrastiveLoss()(gathered_x, gathered_y, mined_pairs)
+        expected = WORLD * (base + naive_tcm(x, y, **MARGINS))
+        assert abs(value.item() - expected.item()) < 1e-10, (value.item(), expected.item())
+
+        # with_tcm on the efficient wrapper: each sample's own slot is left out even where
+        # it would be hard (pos_margin = 1)
+        all_positive = dict(pos_margin=1.0, neg_margin=0.1)
+        wrapper = with_tcm(
+            pml_dist.DistributedLossWrapper(losses.ContrastiveLoss(), efficient=True),
+            **all_positive,
+        )
+        value = wrapper(local_x, local_y)
+        base = losses.ContrastiveLoss()(local_x, local_y, indices, gathered_x, gathered_y)
+        tcm = naive_tcm(local_x, local_y, gathered_x, gathered_y, pairs=indices, **all_positive)
         expected = WORLD * (base + tcm)
         assert abs(value.item() - expected.item()) < 1e-10, (value.item(), expected.item())
 

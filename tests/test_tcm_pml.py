@@ -138,9 +138,87 @@ def test_with_tcm_arguments():
         with_tcm(losses.ContrastiveLoss(), TCMRegularizer(), pos_margin=0.8)
     with pytest.raises(TypeError, match="TCMRegularizer"):
         with_tcm(losses.ContrastiveLoss(), regularizer=torch.nn.Identity())
+    with pytest.raises(ValueError, match="pairs"):
+        with_tcm(losses.ContrastiveLoss(), pairs="hard")
     loss = losses.ContrastiveLoss()
-    assert with_tcm(loss) is loss and with_tcm(loss) is loss  # idempotent
-    assert len(loss._forward_pre_hooks) == 1
+    assert with_tcm(loss) is loss and with_tcm(loss) is loss  # idempotent: TCM added once
+    x, y = batch(seed=20)
+    assert loss(x, y).item() == pytest.approx(
+        (losses.ContrastiveLoss()(x, y) + naive_tcm(x, y)).item(), rel=1e-10
+    )
+    # no torch hooks: pml's HookContainer logs every dict attribute of a loss, and torch's
+    # tables for hooks with kwargs are int-keyed
+    assert not loss._forward_pre_hooks and not loss._forward_hooks
+
+
+def _pairs_of(indices, y):
+    return lmu.convert_to_pairs(indices, y)
+
+
+def test_with_tcm_sees_all_pairs_whatever_the_miner():
+    x, y = batch(seed=21)
+    all_pairs_tcm = naive_tcm(x, y, **MARGINS)
+    empty = tuple(torch.zeros(0, dtype=torch.long) for _ in range(4))
+    easy_positives = miners.BatchEasyHardMiner(pos_strategy="easy", neg_strategy="semihard")(x, y)
+    tcm_pairs = TCMMiner(**MARGINS)(x, y)
+    for indices in (empty, easy_positives, tcm_pairs):
+        base = losses.ContrastiveLoss()(x, y, indices)
+        default = with_tcm(losses.ContrastiveLoss(), **MARGINS)
+        assert default(x, y, indices).item() == pytest.approx(
+            (base + all_pairs_tcm).item(), rel=1e-10, abs=1e-12
+        )
+        mined = with_tcm(losses.ContrastiveLoss(), pairs="mined", **MARGINS)
+        expected = base + naive_tcm(x, y, pairs=_pairs_of(indices, y), **MARGINS)
+        assert mined(x, y, indices).item() == pytest.approx(expected.item(), rel=1e-10, abs=1e-12)
+    # the two settings differ where the miner leaves hard pairs out, agree on TCMMiner's
+    mined_easy = naive_tcm(x, y, pairs=_pairs_of(easy_positives, y), **MARGINS)
+    assert abs(mined_easy.item() - all_pairs_tcm.item()) > 1e-3
+    assert naive_tcm(x, y, pairs=tcm_pairs, **MARGINS).item() == pytest.approx(
+        all_pairs_tcm.item(), rel=1e-10
+    )
+
+
+def _memory_reference(wrapped, x, y, filled, margins):
+    """TCM over batch x filled memory, each sample's own slot left out (naive)."""
+    mem_x = wrapped.embedding_memory[:filled].double()
+    mem_y = wrapped.label_memory[:filled]
+    own = wrapped.curr_batch_idx.tolist()
+    pos, neg = [], []
+    for i in range(len(y)):
+        for j in range(filled):
+            if j != own[i]:
+                (pos if y[i] == mem_y[j] else neg).append((i, j))
+    pairs = tuple(torch.tensor(v) for v in (*zip(*pos), *zip(*neg)))
+    return naive_tcm(x.double(), y, mem_x, mem_y, pairs=pairs, **margins)
+
+
+@pytest.mark.parametrize(
+    "order, margins",
+    [
+        ("wrapper", MARGINS),
+        ("wrapper", dict(pos_margin=1.0, neg_margin=0.1)),  # own slots would be hard
+        ("inner", MARGINS),
+    ],
+)
+def test_cross_batch_memory_with_its_own_miner(order, margins):
+    memory_size, dim = 40, 8
+
+    def memory(loss):
+        miner = miners.MultiSimilarityMiner(epsilon=0.05)
+        return losses.CrossBatchMemory(loss, dim, memory_size=memory_size, miner=miner)
+
+    plain = memory(losses.ContrastiveLoss())
+    if order == "wrapper":
+        wrapped = with_tcm(memory(losses.ContrastiveLoss()), **margins)
+    else:
+        wrapped = memory(with_tcm(losses.ContrastiveLoss(), **margins))
+    for step in range(3):
+        x, y = batch(n=16, dim=dim, seed=30 + step, dtype=torch.float32)
+        base = plain(x, y)
+        value = wrapped(x, y)
+        filled = min(memory_size, 16 * (step + 1))
+        expected = _memory_reference(wrapped, x, y, filled, margins)
+        assert (value - base).item() == pytest.approx(expected.item(), abs=1e-5)
 
 
 def test_with_tcm_survives_deepcopy_and_pickle():
@@ -228,9 +306,19 @@ def test_stats_are_recorded():
     hard_pos, hard_neg = naive_hard_pairs(x, y, **MARGINS)
     assert int(reg.num_hard_pos_pairs) == len(hard_pos)
     assert int(reg.num_hard_neg_pairs) == len(hard_neg)
+    assert float(reg.tcm_value) == pytest.approx(naive_tcm(x, y, **MARGINS).item(), rel=1e-12)
+    assert "tcm_value" in reg._record_these_stats
+    quiet = TCMRegularizer(**MARGINS)  # collect_stats off: nothing kept
+    quiet(x, y)
+    assert not hasattr(quiet, "tcm_value") or quiet.tcm_value == 0
     miner = TCMMiner(collect_stats=True, **MARGINS)
     miner(x, y)
     assert miner.num_pos_pairs == len(hard_pos) and miner.num_neg_pairs == len(hard_neg)
+
+
+def test_regularizer_refuses_a_reducer():
+    with pytest.raises(ValueError, match="already reduced"):
+        TCMRegularizer(reducer=reducers.SumReducer())
 
 
 def test_custom_reducer_is_kept():

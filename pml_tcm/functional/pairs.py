@@ -14,7 +14,10 @@ from torch import Tensor
 
 
 def pair_masks(
-    labels: Tensor, ref_labels: Tensor, self_offset: int | None = None
+    labels: Tensor,
+    ref_labels: Tensor,
+    self_offset: int | None = None,
+    self_columns: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Positive and negative pair masks.
 
@@ -23,6 +26,9 @@ def pair_masks(
         ref_labels: ``(M,)`` integer labels of the references.
         self_offset: where query 0 sits in the reference set when the queries are part
             of it (its self pairs are excluded), or ``None`` for distinct sets.
+        self_columns: ``(N,)`` int64, the reference index of each query's own copy (a
+            memory slot), excluded like a self pair; for references that hold the
+            queries at arbitrary positions. Its pairs must be positive (same label).
 
     Returns:
         ``(positive, negative)``, each ``(N, M)`` bool: same label and not a self pair;
@@ -32,6 +38,9 @@ def pair_masks(
     negative = ~positive
     if self_offset is not None:
         self_pair_diagonal(positive, self_offset).fill_(False)
+    if self_columns is not None:
+        rows = torch.arange(labels.shape[0], device=positive.device)
+        positive[rows, self_columns] = False  # index_put_: no host sync
     return positive, negative
 
 

@@ -68,6 +68,7 @@ def hard_pair_masks(
     pos_margin: float,
     neg_margin: float,
     self_offset: int | None = None,
+    self_columns: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Hard positive (``S <= pos_margin``) and hard negative (``S >= neg_margin``) masks.
 
@@ -78,12 +79,13 @@ def hard_pair_masks(
         pos_margin: m+; positives at or below it are hard.
         neg_margin: m-; negatives at or above it are hard.
         self_offset: see :func:`pml_tcm.functional.pairs.pair_masks`.
+        self_columns: see :func:`pml_tcm.functional.pairs.pair_masks`.
 
     Returns:
         ``(hard_positive, hard_negative)``, each ``(N, M)`` bool.
     """
     pos_bound, neg_bound = _comparison_bounds(pos_margin, neg_margin)
-    hard_positive, hard_negative = pair_masks(labels, ref_labels, self_offset)
+    hard_positive, hard_negative = pair_masks(labels, ref_labels, self_offset, self_columns)
     hard_positive &= sims <= pos_bound
     hard_negative &= sims >= neg_bound
     return hard_positive, hard_negative
@@ -106,6 +108,7 @@ def tcm_pair_weights(
     neg_weight: float,
     self_offset: int | None = None,
     pairs: PairIndices | None = None,
+    self_columns: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The TCM term as ``sum(W * S) + constant``, a linear function of the similarities.
 
@@ -119,6 +122,8 @@ def tcm_pair_weights(
             ``pairs`` is given.
         pairs: optional explicit pairs ``(a1, p, a2, n)``: positive pairs ``(a1[k], p[k])``
             and negative pairs ``(a2[k], n[k])``; a pair listed twice counts twice.
+        self_columns: see :func:`pml_tcm.functional.pairs.pair_masks`; ignored when
+            ``pairs`` is given.
 
     Returns:
         ``(W, constant, num_hard_pos, num_hard_neg)``: ``W`` is ``(N, M)`` in the
@@ -128,7 +133,7 @@ def tcm_pair_weights(
     dtype = sims.dtype
     if pairs is None:
         hard_positive, hard_negative = hard_pair_masks(
-            sims, labels, ref_labels, pos_margin, neg_margin, self_offset
+            sims, labels, ref_labels, pos_margin, neg_margin, self_offset, self_columns
         )
         num_pos, num_neg = torch.count_nonzero(hard_positive), torch.count_nonzero(hard_negative)
         pos_coef = _part_coefficient(pos_weight, num_pos, dtype)
@@ -214,8 +219,13 @@ def tcm_loss_and_counts(
     pos_weight: float = 1.0,
     neg_weight: float = 1.0,
     pairs: PairIndices | None = None,
+    self_columns: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`tcm_loss` plus the numbers of hard positive and hard negative pairs.
+
+    ``self_columns`` (``(N,)`` int64, with ``ref_embeddings``): the reference index of
+    each query's own copy, left out like a self pair (see
+    :func:`pml_tcm.functional.pairs.pair_masks`).
 
     Autocast is switched off inside: similarities, counts and the result stay in the
     accumulation dtype (float32, or float64 for float64 input).
@@ -231,6 +241,7 @@ def tcm_loss_and_counts(
             pos_weight,
             neg_weight,
             pairs,
+            self_columns,
         )
 
 
@@ -244,6 +255,7 @@ def _tcm_loss_and_counts(
     pos_weight: float,
     neg_weight: float,
     pairs: PairIndices | None,
+    self_columns: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     queries = normalize(embeddings)
     if ref_embeddings is None:
@@ -263,6 +275,7 @@ def _tcm_loss_and_counts(
         neg_weight,
         self_offset,
         pairs,
+        None if ref_embeddings is None else self_columns,
     )
     # sum_ij W_ij <q_i, r_j> written as sum_i <q_i, (W r)_i>: W is saved once for the
     # backward pass and no (N, M) gradient is ever built.
