@@ -74,8 +74,7 @@ class OPISAccuracyCalculator(AccuracyCalculator):
             distance = CosineSimilarity()
         if not isinstance(distance, BaseDistance):
             raise ValueError(f"distance must be a pml distance, got {type(distance).__name__}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        validation.check_chunk_size(chunk_size)
         check_shard_queries(shard_queries)
         self.calibration_range = calibration_range
         self.far_range = tuple(far_range)

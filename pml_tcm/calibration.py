@@ -148,15 +148,12 @@ def calibrate_threshold(
             FAR target or no positive pair for an FRR target.
     """
     check_shard_queries(shard_queries)
+    validation.check_chunk_size(chunk_size)
     if (target_far is None) == (target_frr is None):
         raise ValueError("give exactly one of target_far and target_frr")
-    if target_far is not None and not (
-        isinstance(target_far, (int, float)) and 0 < target_far <= 1
-    ):
+    if target_far is not None and not (validation.is_real(target_far) and 0 < target_far <= 1):
         raise ValueError(f"target_far must lie in (0, 1], got {target_far!r}")
-    if target_frr is not None and not (
-        isinstance(target_frr, (int, float)) and 0 <= target_frr < 1
-    ):
+    if target_frr is not None and not (validation.is_real(target_frr) and 0 <= target_frr < 1):
         raise ValueError(f"target_frr must lie in [0, 1), got {target_frr!r}")
     distance = CosineSimilarity() if distance is None else distance
     if not isinstance(distance, BaseDistance):

@@ -17,6 +17,7 @@ import torch
 
 from .accuracy import OPISAccuracyCalculator
 from .calibration import CalibrationReport, calibrate_threshold
+from .functional.normalize import unit_rows
 from .functional.opis import OPISResult
 
 REPORT_METRICS = ("precision_at_1", "mean_average_precision_at_r", "opis", "eps_opis")
@@ -149,7 +150,7 @@ def compute_report(
         ValueError: bad settings or sets (e.g. a single class: no negative pair).
     """
     device = torch.device(device)
-    queries = torch.nn.functional.normalize(torch.as_tensor(embeddings).to(device), dim=1)
+    queries = unit_rows(torch.as_tensor(embeddings).to(device))
     query_labels = torch.as_tensor(labels).to(device)
     if reference is None:
         references, ref_labels, ref_includes_query = queries, query_labels, True
@@ -160,7 +161,7 @@ def compute_report(
                 f"{embeddings.shape[1]}"
             )
         references = torch.as_tensor(reference).to(device=device, dtype=queries.dtype)
-        references = torch.nn.functional.normalize(references, dim=1)
+        references = unit_rows(references)
         ref_labels, ref_includes_query = torch.as_tensor(reference_labels).to(device), False
     calculator = OPISAccuracyCalculator(
         far_range=far_range, include=REPORT_METRICS, k="max_bin_count", device=device

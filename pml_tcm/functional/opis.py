@@ -104,10 +104,10 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import validation
+from .normalize import unit_rows
 from .pairs import self_pair_columns
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -131,7 +131,7 @@ def cosine_similarity_scores(queries: Tensor, references: Tensor) -> Tensor:
     Returns:
         ``(n, M)`` similarities (a zero row has similarity 0 with everything).
     """
-    return F.normalize(queries, dim=1) @ F.normalize(references, dim=1).T
+    return unit_rows(queries) @ unit_rows(references).T
 
 
 def ceil_fraction_of(fraction: float, count: int) -> int:
@@ -245,13 +245,13 @@ class _PairStream:
         rows = queries.shape[0]
         if self.score_fn is cosine_similarity_scores and reuse_buffer:
             if self._normalized_references is None:
-                self._normalized_references = F.normalize(self.references, dim=1)
+                self._normalized_references = unit_rows(self.references)
             references = self._normalized_references
             if self._score_buffer is None:
                 self._score_buffer = references.new_empty(self._block_capacity())
             block = self._score_buffer[: rows * self.num_references].view(rows, -1)
-            # the same product as cosine_similarity_scores: F.normalize(q) @ F.normalize(r).T
-            torch.mm(F.normalize(queries, dim=1), references.T, out=block)
+            # the same product as cosine_similarity_scores: unit_rows(q) @ unit_rows(r).T
+            torch.mm(unit_rows(queries), references.T, out=block)
             if not self.higher_is_closer:
                 block.neg_()
             return block
@@ -1097,6 +1097,7 @@ def opis(
         ValueError: empty sets, NaN/Inf, mismatched lengths or sizes, invalid settings.
     """
     validation.check_opis_settings(calibration_range, far_range, num_thresholds, beta, epsilon)
+    validation.check_chunk_size(chunk_size)
     if references is None:
         if reference_labels is not None:
             raise ValueError("reference_labels was given without references")

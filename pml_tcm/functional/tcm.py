@@ -19,9 +19,9 @@ import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .normalize import unit_rows
 from .pairs import pair_masks
 
 PairIndices = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -33,8 +33,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def normalize(embeddings: Tensor) -> Tensor:
-    """Unit-norm rows in the accumulation dtype. ``(N, D) -> (N, D)``."""
-    return F.normalize(embeddings.to(accumulation_dtype(embeddings.dtype)), dim=1)
+    """Unit-norm rows in the accumulation dtype, exact for any finite row (see
+    :mod:`pml_tcm.functional.normalize`). ``(N, D) -> (N, D)``."""
+    return unit_rows(embeddings.to(accumulation_dtype(embeddings.dtype)))
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")

@@ -7,9 +7,34 @@ from the device (a host-device synchronisation); callers on a hot path can skip 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
+
+MAX_WEIGHT = 1e37
+"""Largest TCM weight: each part is at most ``2 * weight``, and the term must stay finite
+in float32."""
+MAX_BETA = 1e100
+"""Largest β: ``(1 + β²)`` times a pair count must stay finite in float64."""
+MAX_THRESHOLDS = 1_000_000
+"""Largest OPIS grid (a resolution of 1e-6 of the calibration range)."""
+
+
+def is_real(value: object) -> bool:
+    """A real number (Python or numpy int/float), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_integer(value: object) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_chunk_size(chunk_size: object) -> None:
+    """``chunk_size`` is ``None`` or a positive integer."""
+    if chunk_size is not None and (not is_integer(chunk_size) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
 
 
 def check_embeddings_shape(embeddings: Tensor, name: str = "embeddings") -> None:
@@ -22,6 +47,8 @@ def check_embeddings_shape(embeddings: Tensor, name: str = "embeddings") -> None
         )
     if not embeddings.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {embeddings.dtype}")
+    if embeddings.shape[1] == 0:
+        raise ValueError(f"{name} has embedding size 0: cosine similarity is undefined")
 
 
 def check_labels(labels: Tensor, num_samples: int, name: str = "labels") -> None:
@@ -61,7 +88,7 @@ def check_embeddings_values(embeddings: Tensor, name: str = "embeddings") -> Non
 def check_margins(pos_margin: float, neg_margin: float) -> None:
     """Both margins are cosine similarities in [-1, 1] and ``pos_margin >= neg_margin``."""
     for name, value in (("pos_margin", pos_margin), ("neg_margin", neg_margin)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_real(value) or not math.isfinite(float(value)):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not -1.0 <= value <= 1.0:
             raise ValueError(f"{name} must lie in [-1, 1], got {value}")
@@ -70,9 +97,12 @@ def check_margins(pos_margin: float, neg_margin: float) -> None:
 
 
 def check_weight(value: float, name: str) -> None:
-    """A loss weight is a finite number >= 0."""
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    """A loss weight is a number in ``[0, MAX_WEIGHT]``."""
+    if not is_real(value) or not math.isfinite(value) or not 0 <= value <= MAX_WEIGHT:
+        raise ValueError(
+            f"{name} must be a number in [0, {MAX_WEIGHT:g}] (the term stays finite in "
+            f"float32), got {value!r}"
+        )
 
 
 def check_evaluation_set(
@@ -111,9 +141,7 @@ def check_opis_settings(
         ValueError: naming the offending argument.
     """
 
-    def is_number(value: object) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
+    is_number = is_real
     if calibration_range is not None:
         if (
             not isinstance(calibration_range, (tuple, list))
@@ -139,13 +167,14 @@ def check_opis_settings(
         raise ValueError(
             f"far_range must be (far_lo, far_hi) with far_lo <= far_hi, got {far_range}"
         )
-    if (
-        not isinstance(num_thresholds, int)
-        or isinstance(num_thresholds, bool)
-        or num_thresholds < 2
-    ):
-        raise ValueError(f"num_thresholds must be an integer >= 2, got {num_thresholds!r}")
-    if not is_number(beta) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if not is_integer(num_thresholds) or not 2 <= num_thresholds <= MAX_THRESHOLDS:
+        raise ValueError(
+            f"num_thresholds must be an integer in [2, {MAX_THRESHOLDS}], got {num_thresholds!r}"
+        )
+    if not is_number(beta) or not 0 < float(beta) <= MAX_BETA:
+        raise ValueError(
+            f"beta must lie in (0, {MAX_BETA:g}] (F-beta weighs counts by 1 + beta**2), "
+            f"got {beta!r}"
+        )
     if not is_number(epsilon) or not 0 < epsilon < 1:
         raise ValueError(f"epsilon must lie in (0, 1), got {epsilon!r}")
