@@ -141,7 +141,9 @@ def tcm_pair_weights(
         neg_coef = _part_coefficient(neg_weight, num_neg, dtype)
         # W over S's storage (S is not needed any more). mul/where take the 0-dim device
         # coefficients as tensor operands; masked_fill_ would read them back to the host.
-        weights = torch.mul(hard_positive, -pos_coef, out=sims)
+        # (Each step in place: mul(mask, coef, out=) would cast the mask through an N x M
+        # temporary.)
+        weights = sims.copy_(hard_positive).mul_(-pos_coef)
         torch.where(hard_negative, neg_coef, weights, out=weights)
     else:
         anchors_pos, positives, anchors_neg, negatives = pairs
