@@ -72,9 +72,7 @@ class RunConfig:
 
     @property
     def name(self) -> str:
-        return (
-            f"{self.loss}_w{self.weight:g}_m{self.pos_margin:g}-{self.neg_margin:g}_s{self.seed}"
-        )
+        return f"{self.loss}_w{self.weight:g}_m{self.pos_margin:g}-{self.neg_margin:g}_s{self.seed}"
 
     def path(self, out: Path) -> Path:
         return out / self.dataset / self.phase / f"{self.name}.json"
