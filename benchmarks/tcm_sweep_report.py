@@ -26,6 +26,13 @@ SHORT = {
     "opis": "OPIS",
     "eps_opis": "ε-OPIS",
 }
+NAMES = {
+    "multisimilarity": "MultiSimilarity",
+    "arcface": "ArcFace",
+    "contrastive": "Contrastive",
+    "digits": "digits",
+    "fashion_mnist": "Fashion-MNIST",
+}
 # The selection rule, fixed before any test number was looked at: among the weights
 # (0 included) whose mean validation R@1 is at most R1_TOLERANCE below the no-TCM mean,
 # the lowest mean validation OPIS.
@@ -249,7 +256,7 @@ def markdown_report(specs: Sequence[Any], results: dict[Point, dict[int, dict[st
     ]
     for spec in specs:
         margins0 = tuple(spec.margins[0])
-        lines += ["", f"## {spec.dataset}", ""]
+        lines += ["", f"## {NAMES[spec.dataset]}", ""]
         lines += [
             f"{spec.epochs} epochs, MLP {spec.hidden}-{spec.embedding_size}, "
             f"train/eval per class: {spec.train_per_class or 'all'}/"
@@ -264,41 +271,49 @@ def markdown_report(specs: Sequence[Any], results: dict[Point, dict[int, dict[st
         for loss in spec.losses:
             chosen = select_weight(results, spec.dataset, loss, margins0)
             if chosen is None:
-                lines.append(f"| {loss} | (no validation runs yet) | | | | | | |")
+                lines.append(f"| {NAMES[loss]} | (no validation runs yet) | | | | | | |")
                 continue
             label = _weight_label(chosen, margins0)
             n_val = len(results[chosen])
             if chosen[3] == 0:
-                lines.append(f"| {loss} | {label} | {n_val} | – | – | – | – | – |")
+                lines.append(f"| {NAMES[loss]} | {label} | {n_val} | – | – | – | – | – |")
                 continue
             test_point = (spec.dataset, "test", *chosen[2:])
             diffs = [_paired(results, test_point, margins0, m) for m in METRICS]
             n_test = diffs[0].n if diffs[0] is not None else 0
             cells = " | ".join(_fmt_diff(d, m) for d, m in zip(diffs, METRICS, strict=True))
-            lines.append(f"| {loss} | {label} | {n_val} | {n_test} | {cells} |")
+            lines.append(f"| {NAMES[loss]} | {label} | {n_val} | {n_test} | {cells} |")
         for phase, title in (
             ("val", "Validation grid (train 0-2, evaluate 3-4): mean ± std over seeds"),
-            ("test", "Test grid (train 0-4, evaluate unseen 5-9): mean ± std over seeds"),
+            (
+                "test",
+                "Test grid (train 0-4, evaluate unseen 5-9): mean ± std over seeds, "
+                "paired differences to no TCM (Δ, mean [95 % CI])",
+            ),
         ):
             lines += [
                 "",
                 f"### {title}",
                 "",
                 "| Loss | weight | n | R@1 (%) | MAP@R (%) | OPIS (1e-3) | ε-OPIS (1e-3) "
-                + ("| ΔR@1 vs no TCM (pts) | ΔOPIS vs no TCM (1e-3) |" if phase == "test" else "|"),
-                "|---|---|---|---|---|---|---|" + ("---|---|" if phase == "test" else ""),
+                + (
+                    "| ΔR@1 (pts) | ΔMAP@R (pts) | ΔOPIS (1e-3) | Δε-OPIS (1e-3) |"
+                    if phase == "test"
+                    else "|"
+                ),
+                "|---|---|---|---|---|---|---|" + ("---|---|---|---|" if phase == "test" else ""),
             ]
             for point, runs in _in_order(results, spec):
                 if point[1] != phase:
                     continue
-                cells = [point[2], _weight_label(point, margins0), str(len(runs))]
+                cells = [NAMES[point[2]], _weight_label(point, margins0), str(len(runs))]
                 for metric in METRICS:
                     k, _ = _scale(metric)
                     values = np.array([m[metric] for m in runs.values()]) * k
                     std = values.std(ddof=1) if len(values) > 1 else 0.0
                     cells.append(f"{values.mean():.2f} ± {std:.2f}")
                 if phase == "test":
-                    for metric in ("precision_at_1", "opis"):
+                    for metric in METRICS:
                         paired = (
                             None if point[3] == 0 else _paired(results, point, margins0, metric)
                         )
@@ -327,6 +342,7 @@ def pareto_figure(specs: Sequence[Any], results: dict[Point, dict[int, dict[str,
     axes = fig.subplots(len(specs), 2, squeeze=False)
     for row, spec in zip(axes, specs, strict=True):
         margins0 = tuple(spec.margins[0])
+        n_seeds = len(spec.test_seeds)
         for ax, metric in zip(row, ("opis", "eps_opis"), strict=True):
             for loss in spec.losses:
                 colour = COLOURS.get(loss, None)
@@ -351,7 +367,9 @@ def pareto_figure(specs: Sequence[Any], results: dict[Point, dict[int, dict[str,
                         y, dy = mean_ci([1e3 * m[metric] for m in runs])
                         xs.append(x), xe.append(dx), ys.append(y), ye.append(dy)
                     style = "-" if mi == 0 else "--"
-                    label = f"{loss}" + ("" if mi == 0 else f" m±=({margins[0]:g}, {margins[1]:g})")
+                    label = NAMES[loss] + (
+                        "" if mi == 0 else f" m±=({margins[0]:g}, {margins[1]:g})"
+                    )
                     ax.errorbar(
                         xs,
                         ys,
@@ -397,7 +415,7 @@ def pareto_figure(specs: Sequence[Any], results: dict[Point, dict[int, dict[str,
                         )
             ax.set_xlabel("R@1 on unseen classes 5-9 (%)  →  better")
             ax.set_ylabel(f"{SHORT[metric]} (1e-3)  ↓  better")
-            ax.set_title(f"{spec.dataset}: R@1 vs {SHORT[metric]}")
+            ax.set_title(f"{NAMES[spec.dataset]}: R@1 vs {SHORT[metric]} (test, {n_seeds} seeds)")
             ax.text(
                 0.98,
                 0.02,
