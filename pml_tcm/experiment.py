@@ -37,6 +37,7 @@ from .models import make_embedder, make_trunk
 from .wrapping import with_tcm
 
 LOSS_NAMES = ("multisimilarity", "arcface")
+LOSS_TITLES = {"multisimilarity": "MultiSimilarity", "arcface": "ArcFace"}
 METRICS = ("precision_at_1", "mean_average_precision_at_r", "opis", "eps_opis")
 
 
@@ -85,6 +86,15 @@ class ArmConfig:
     @property
     def arm_name(self) -> str:
         return f"{self.loss}{' + TCM' if self.tcm else ''}"
+
+    @property
+    def arm_title(self) -> str:
+        """The arm as a reader sees it, e.g. ``"ArcFace + TCM"`` (``"2-D"`` when the
+        embedding has two dimensions)."""
+        title = LOSS_TITLES.get(self.loss, self.loss)
+        if self.embedding_size == 2:
+            title += " 2-D"
+        return f"{title}{' + TCM' if self.tcm else ''}"
 
 
 @dataclass
@@ -256,8 +266,19 @@ class TrainedArm:
     seconds: float
 
 
-def train_arm(config: ArmConfig, split: OpenWorldSplit) -> TrainedArm:
-    """Seed, build and train one arm."""
+def train_arm(
+    config: ArmConfig,
+    split: OpenWorldSplit,
+    progress: Callable[[int, float], None] | None = None,
+) -> TrainedArm:
+    """Seed, build and train one arm.
+
+    Args:
+        config: the arm.
+        split: the data.
+        progress: called after every training batch with the epoch (1-based) and the
+            batch's total loss.
+    """
     start = time.perf_counter()
     seed_everything(config.seed)
     models = _make_models(config, split)
@@ -266,6 +287,8 @@ def train_arm(config: ArmConfig, split: OpenWorldSplit) -> TrainedArm:
 
     def record_loss(trainer: trainers.BaseTrainer) -> None:
         batch_losses.append(float(torch.as_tensor(trainer.losses["total_loss"]).detach()))
+        if progress is not None:
+            progress(trainer.epoch, batch_losses[-1])
 
     trainer = build_trainer(config, split, models, loss, record_loss)
     trainer.train(num_epochs=config.epochs)
@@ -292,6 +315,7 @@ def run_arm(
     split: OpenWorldSplit,
     checkpoint_dir: str | Path | None = None,
     evaluate_arm: bool = True,
+    progress: Callable[[int, float], None] | None = None,
 ) -> ArmResult | None:
     """Train (or reload) and evaluate one arm.
 
@@ -301,10 +325,11 @@ def run_arm(
         checkpoint_dir: when given, trained weights are saved there and an arm whose
             checkpoint was saved with the same configuration is reloaded, not retrained.
         evaluate_arm: ``False`` trains (and saves) only, and returns ``None``.
+        progress: see :func:`train_arm` (not called for a reloaded arm).
     """
     trained = _load_checkpoint(config, split, checkpoint_dir)
     if trained is None:
-        trained = train_arm(config, split)
+        trained = train_arm(config, split, progress)
         if checkpoint_dir is not None:
             path = checkpoint_path(config, split, Path(checkpoint_dir))
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -374,17 +399,26 @@ def run_arms(
         evaluate_arms: ``False`` trains (and saves) only, and returns ``[]``.
     """
     results = []
-    for loss_name in loss_names:
-        for seed in seeds:
-            for tcm in (False, True):
-                config = replace(base, loss=loss_name, tcm=tcm, seed=seed)
-                result = run_arm(config, split, checkpoint_dir, evaluate_arms)
-                if result is None:
-                    if log is not None:
-                        log(f"{config.arm_name} seed={seed}: trained")
-                    continue
-                results.append(result)
-                if log is not None:
-                    shown = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
-                    log(f"{config.arm_name} seed={seed}: {shown} ({result.seconds:.0f}s)")
+    for config in arm_configs(base, loss_names, seeds):
+        result = run_arm(config, split, checkpoint_dir, evaluate_arms)
+        if result is None:
+            if log is not None:
+                log(f"{config.arm_name} seed={config.seed}: trained")
+            continue
+        results.append(result)
+        if log is not None:
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
+            log(f"{config.arm_name} seed={config.seed}: {shown} ({result.seconds:.0f}s)")
     return results
+
+
+def arm_configs(
+    base: ArmConfig, loss_names: Sequence[str] = LOSS_NAMES, seeds: Sequence[int] = (0, 1, 2)
+) -> list[ArmConfig]:
+    """Every (loss, seed, without/with TCM) arm of :func:`run_arms`, in its order."""
+    return [
+        replace(base, loss=loss_name, tcm=tcm, seed=seed)
+        for loss_name in loss_names
+        for seed in seeds
+        for tcm in (False, True)
+    ]
