@@ -20,7 +20,7 @@ from pml_tcm.experiment import (
     seed_everything,
 )
 from pml_tcm.models import make_embedder, make_trunk
-from pml_tcm.results_table import markdown_table
+from pml_tcm.results_table import markdown_table, plain_reading
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,10 @@ def _result(loss, tcm, seed, **metrics):
     )
 
 
+def _cells(line):
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
 def test_markdown_table_values():
     results = [
         _result("arcface", False, 0, precision_at_1=0.8, mean_average_precision_at_r=0.5,
@@ -148,17 +152,52 @@ def test_markdown_table_values():
         _result("arcface", False, 1, precision_at_1=0.9, mean_average_precision_at_r=0.7,
                 opis=0.002, eps_opis=0.010),
         _result("arcface", True, 0, precision_at_1=0.85, mean_average_precision_at_r=0.6,
-                opis=0.0015, eps_opis=0.005),
+                opis=0.0015, eps_opis=0.011),
         _result("arcface", True, 1, precision_at_1=0.95, mean_average_precision_at_r=0.6,
-                opis=0.0015, eps_opis=0.005),
+                opis=0.0015, eps_opis=0.013),
     ]  # fmt: skip
     lines = markdown_table(results).splitlines()
-    assert (
-        lines[2]
-        == "| ArcFace | no | 2 | 85.00 ± 5.00 | 60.00 ± 10.00 | 3.00 ± 1.00 | 10.00 ± 0.00 |"
-    )
-    assert (
-        lines[3]
-        == "| ArcFace | yes | 2 | 90.00 ± 5.00 | 60.00 ± 0.00 | 1.50 ± 0.00 | 5.00 ± 0.00 |"
-    )
-    assert lines[4] == "| ArcFace | change | | +5.00 pts | +0.00 pts | -50.0 % | -50.0 % |"
+    assert len({len(line) for line in lines}) == 1  # padded: the columns line up
+    assert _cells(lines[0])[:3] == ["Loss", "TCM", "n"]
+    assert "↑" in _cells(lines[0])[3] and "↓" in _cells(lines[0])[5]
+    # population std by hand: R@1 (80, 90) -> 85 ± 5, eps-OPIS (11, 13) -> 12 ± 1
+    assert _cells(lines[2]) == ["ArcFace", "no", "2", "85.00 ± 5.00", "60.00 ± 10.00",
+                                "3.00 ± 1.00", "10.00 ± 0.00"]  # fmt: skip
+    assert _cells(lines[3]) == ["ArcFace", "yes", "2", "90.00 ± 5.00", "60.00 ± 0.00",
+                                "1.50 ± 0.00", "12.00 ± 1.00"]  # fmt: skip
+    # eps-OPIS went up (lower is better): flagged; the rest improved or held.
+    assert _cells(lines[4]) == ["ArcFace", "change", "", "+5.00 pts", "+0.00 pts", "-50.0 %",
+                                "+20.0 % worse"]  # fmt: skip
+
+
+def test_single_seed_shows_n_1_and_no_zero_spread():
+    results = [
+        _result("multisimilarity", False, 0, precision_at_1=0.846, mean_average_precision_at_r=0.27,
+                opis=0.00288, eps_opis=0.0046),
+        _result("multisimilarity", True, 0, precision_at_1=0.887, mean_average_precision_at_r=0.28,
+                opis=0.00363, eps_opis=0.0052),
+    ]  # fmt: skip
+    table = markdown_table(results)
+    assert "±" not in table
+    rows = [_cells(line) for line in table.splitlines()[2:]]
+    assert rows[0] == ["MultiSimilarity", "no", "1", "84.60", "27.00", "2.88", "4.60"]
+    # OPIS 2.88 -> 3.63 is +26.0 %: worse; R@1 and MAP@R rose: not flagged
+    assert rows[2] == ["MultiSimilarity", "change", "", "+4.10 pts", "+1.00 pts",
+                       "+26.0 % worse", "+13.0 % worse"]  # fmt: skip
+    reading = " ".join(plain_reading(results).split())
+    assert "With MultiSimilarity, TCM made OPIS worse here (+26.0 %" in reading
+    assert "R@1 rose by 4.10 points" in reading and "One seed per arm" in reading
+
+
+def test_reading_says_lowered_when_tcm_lowered_opis():
+    results = [
+        _result("arcface", tcm, seed, precision_at_1=0.9 - 0.01 * tcm,
+                mean_average_precision_at_r=0.4, opis=0.008 - 0.003 * tcm + 0.001 * seed,
+                eps_opis=0.04)
+        for tcm in (False, True) for seed in (0, 1)
+    ]  # fmt: skip
+    reading = " ".join(plain_reading(results).split())
+    # OPIS means 8.5e-3 -> 5.5e-3: -35.3 %, larger than the 0.5e-3 seed spread
+    assert "With ArcFace, TCM lowered OPIS by 35.3 %" in reading
+    assert "worse" not in reading and "spread" in reading
+    assert "at a cost of 1.00 points of R@1" in reading
