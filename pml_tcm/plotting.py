@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+
 from .functional.opis import OPISResult
 
 
@@ -29,6 +31,8 @@ def plot_utility_curves(
     class_names: Mapping[int, str] | Sequence[str] | None = None,
     max_legend_classes: int = 10,
     legend: bool | None = None,
+    threshold: float | None = None,
+    threshold_label: str | None = None,
 ) -> Any:
     """Every class's utility ``U_c`` over the calibration range, with ``U_all`` on top.
 
@@ -48,6 +52,11 @@ def plot_utility_curves(
             (matplotlib's ``tab10``/``tab20``) and a legend; beyond it every class line
             is the same faint blue, as in the paper's figure.
         legend: draw a legend; default: when the classes have their own colours.
+        threshold: mark this threshold (e.g. the one calibrated for a target FAR) with a
+            dashed vertical line; the x-range is widened to show it.
+        threshold_label: the mark's legend label (default ``"threshold <value>"``).
+
+    The y-range is fitted to the curves (with a small margin, inside [0, 1]).
 
     Returns:
         The matplotlib ``Figure`` holding the axes. The axes hold one line per class
@@ -87,9 +96,20 @@ def plot_utility_curves(
     ax.set_xlabel("similarity threshold" if result.higher_is_closer else "distance threshold")
     ax.set_ylabel(f"utility (F{result.beta:g})")
     low, high = result.calibration_range
+    if threshold is not None:
+        ax.axvline(
+            threshold,
+            color="0.3",
+            linestyle="--",
+            linewidth=1.2,
+            label=threshold_label if threshold_label is not None else f"threshold {threshold:.4g}",
+            zorder=2,
+        )
+        low, high = min(low, threshold), max(high, threshold)
     if high > low:
-        ax.set_xlim(low, high)
-    ax.set_ylim(0.0, 1.0)
+        margin = 0.02 * (high - low) if threshold is not None else 0.0
+        ax.set_xlim(low - margin, high + margin)
+    ax.set_ylim(*utility_range([result]))
     ax.set_title(
         title if title is not None else f"OPIS {result.opis:.3g}, ε-OPIS {result.eps_opis:.3g}"
     )
@@ -97,6 +117,23 @@ def plot_utility_curves(
     if show_legend:
         ax.legend(fontsize="small", loc="best")
     return figure
+
+
+def utility_range(results: Sequence[OPISResult], margin: float = 0.06) -> tuple[float, float]:
+    """A y-range holding every class and pooled utility of ``results``, with ``margin``
+    of its height added on both sides, clipped to [0, 1]."""
+    values = [
+        curve.flatten()
+        for result in results
+        for curve in (result.class_utility, result.pooled_utility)
+        if curve.numel()
+    ]
+    if not values:
+        return 0.0, 1.0
+    joined = torch.cat(values)
+    low, high = float(joined.min()), float(joined.max())
+    pad = margin * (high - low) if high > low else 0.05
+    return max(0.0, low - pad), min(1.0, high + pad)
 
 
 def _class_colours(num_classes: int) -> list[Any]:
