@@ -2,24 +2,36 @@
 
 Used by ``pml-tcm demo`` and ``examples/open_world.py``. Writes into ``out``:
 
-* ``results.md``: the Markdown table of :func:`pml_tcm.results_table.markdown_table`;
+* ``results.md``: the settings, the Markdown table of
+  :func:`pml_tcm.results_table.markdown_table` and its plain-language reading;
 * ``utility_curves_<loss>.png``: per-class utility vs threshold on the unseen classes,
-  baseline beside +TCM (first seed);
+  baseline beside +TCM (first seed), the threshold calibrated for ``target_far`` marked;
 * ``embedding_circle.png``: ArcFace with a 2-D embedding, unseen classes on the unit
   circle, baseline beside +TCM (when ``circle``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
+from .calibration import calibrate_threshold
 from .data import OpenWorldSplit
 from .embedding_circle import embedding_circle_figure
-from .experiment import ArmConfig, ArmResult, run_arm, run_arms
-from .results_table import markdown_table
-from .utility_figure import utility_comparison_figure
+from .experiment import LOSS_TITLES, ArmConfig, ArmResult, arm_configs, run_arm
+from .progress import ArmProgress
+from .results_table import TABLE_LEGEND, markdown_table, plain_reading
+from .utility_figure import utility_caption, utility_comparison_figure
+
+DATASET_TITLES = {"digits": "scikit-learn digits (8x8)", "fashion-mnist": "Fashion-MNIST"}
+FILE_DESCRIPTIONS = {
+    "results.md": "this table with the settings and the reading (Markdown)",
+    "utility_curves": "per-class utility curves, {title} without | with TCM",
+    "embedding_circle.png": "2-D ArcFace embeddings of the unseen classes on a circle",
+}
 
 
 @dataclass
@@ -29,12 +41,67 @@ class BenchmarkOutput:
     Attributes:
         results: every evaluated arm (empty when only training).
         table: the Markdown table.
+        reading: the plain-language reading of the table.
         files: the files written.
     """
 
     results: list[ArmResult]
     table: str
     files: list[Path]
+    reading: str = ""
+
+    def file_descriptions(self) -> list[tuple[Path, str]]:
+        """``(path, what it is)`` for every written file."""
+        described = []
+        for path in self.files:
+            if path.name.startswith("utility_curves_"):
+                loss = path.stem.removeprefix("utility_curves_")
+                title = LOSS_TITLES.get(loss, loss)
+                described.append((path, FILE_DESCRIPTIONS["utility_curves"].format(title=title)))
+            else:
+                described.append((path, FILE_DESCRIPTIONS.get(path.name, "")))
+        return described
+
+
+def describe_split(split: OpenWorldSplit) -> str:
+    """One line: the data set, the training classes and the unseen evaluation classes."""
+    seen, unseen = sorted(set(split.train_y.tolist())), sorted(set(split.eval_y.tolist()))
+    return (
+        f"{DATASET_TITLES.get(split.name, split.name)}: train on classes {_span(seen)} "
+        f"({len(split.train_y)} images), test on unseen {_span(unseen)} ({len(split.eval_y)})"
+    )
+
+
+def describe_settings(base: ArmConfig, seeds: Sequence[int]) -> str:
+    """One line: training length, model size, TCM's settings, OPIS range, seeds, device."""
+    batches = "" if base.max_batches is None else f"at most {base.max_batches} "
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {' '.join(map(str, seeds))}"
+    return (
+        f"{base.epochs} epoch{'s' if base.epochs != 1 else ''} of {batches}batches of "
+        f"{base.batch_size}, {base.embedding_size}-D embedding, Adam {base.lr:g}; TCM m+ "
+        f"{base.pos_margin:g}, m- {base.neg_margin:g}, weight {base.tcm_weight:g}"
+        f"{', TCMMiner' if base.tcm_miner else ''}; OPIS over FAR {base.far_range[0]:g} to "
+        f"{base.far_range[1]:g}; {seed_text}; {base.device}"
+    )
+
+
+def benchmark_configs(
+    base: ArmConfig, loss_names: Sequence[str], seeds: Sequence[int], circle: bool = True
+) -> list[ArmConfig]:
+    """The arms :func:`run_benchmark` runs, in order: every (loss, seed, without/with
+    TCM), then 2-D ArcFace without and with TCM on the first seed when ``circle``."""
+    configs = arm_configs(base, loss_names, seeds)
+    if circle:
+        configs += [
+            replace(base, loss="arcface", tcm=tcm, seed=seeds[0], embedding_size=2)
+            for tcm in (False, True)
+        ]
+    return configs
+
+
+def arm_label(config: ArmConfig) -> str:
+    """How the progress line names an arm, e.g. ``"ArcFace + TCM, seed 0"``."""
+    return f"{config.arm_title}, seed {config.seed}"
 
 
 def run_benchmark(
@@ -46,9 +113,10 @@ def run_benchmark(
     circle: bool = True,
     checkpoint_dir: str | Path | None = None,
     train_only: bool = False,
-    log: Callable[[str], None] = print,
+    progress: ArmProgress | None = None,
+    target_far: float = 1e-3,
 ) -> BenchmarkOutput:
-    """Run every arm, then write the table and figures into ``out``.
+    """Run every arm, then write the table, its reading and the figures into ``out``.
 
     Args:
         split: the data.
@@ -61,39 +129,54 @@ def run_benchmark(
         checkpoint_dir: keep/reuse trained weights there (see
             :func:`pml_tcm.experiment.run_arm`).
         train_only: train (and checkpoint) every arm, evaluate nothing, write nothing.
-        log: receives one line per finished arm.
+        progress: shows one line per arm (see :class:`pml_tcm.progress.ArmProgress`);
+            ``None`` shows nothing.
+        target_far: the utility figures mark the global threshold calibrated for this
+            FAR on the unseen classes (:func:`pml_tcm.calibrate_threshold`).
     """
     out = Path(out)
-    results = run_arms(split, base, loss_names, seeds, log, checkpoint_dir, not train_only)
-    circle_configs = [
-        replace(base, loss="arcface", tcm=tcm, seed=seeds[0], embedding_size=2)
-        for tcm in (False, True)
-    ]
-    circle_results = []
-    if circle:
-        for config in circle_configs:
-            result = run_arm(config, split, checkpoint_dir, not train_only)
-            log(f"2-D {config.arm_name}: {'trained' if result is None else 'done'}")
-            if result is not None:
-                circle_results.append(result)
+    configs = benchmark_configs(base, loss_names, seeds, circle)
+    results, circle_results = [], []
+    for config in configs:
+        if progress is not None:
+            progress.start(arm_label(config), config.epochs)
+        result = run_arm(
+            config,
+            split,
+            checkpoint_dir,
+            not train_only,
+            progress=None if progress is None else progress.update,
+        )
+        if progress is not None:
+            progress.finish(_outcome(result))
+        if result is not None:
+            (circle_results if config.embedding_size == 2 and circle else results).append(result)
     if train_only:
         return BenchmarkOutput([], "", [])
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
+    reading = plain_reading(results)
     files = [out / "results.md"]
-    files[0].write_text(table + "\n")
     for loss_name in loss_names:
         first_seed = [r for r in results if r.config.loss == loss_name][:2]
         panels = [
-            (f"{r.config.arm_name} (seed {r.config.seed})", r.opis_result) for r in first_seed
+            (f"{r.config.arm_title} (seed {r.config.seed})", r.opis_result) for r in first_seed
         ]
-        figure = utility_comparison_figure(panels)
+        thresholds = [_calibrated_threshold(r, target_far) for r in first_seed]
+        figure = utility_comparison_figure(
+            panels,
+            thresholds,
+            threshold_label=f"threshold at FAR {target_far:g}:",
+            class_names=split.class_names,
+            caption=utility_caption(base.far_range, target_far),
+        )
         files.append(out / f"utility_curves_{loss_name}.png")
         figure.savefig(files[-1], dpi=120)
     if circle_results:
         panels = [
             (
-                f"ArcFace 2-D{' + TCM' if r.config.tcm else ''} (OPIS {r.metrics['opis']:.2e})",
+                f"{r.config.arm_title}\nOPIS {r.metrics['opis']:.2e}   "
+                f"ε-OPIS {r.metrics['eps_opis']:.2e}",
                 r.embeddings,
                 r.labels,
             )
@@ -102,4 +185,66 @@ def run_benchmark(
         figure = embedding_circle_figure(panels, split.class_names)
         files.append(out / "embedding_circle.png")
         figure.savefig(files[-1], dpi=120)
-    return BenchmarkOutput(results + circle_results, table, files)
+    output = BenchmarkOutput(results + circle_results, table, files, reading)
+    files[0].write_text(_results_markdown(split, base, seeds, output, target_far))
+    return output
+
+
+def _results_markdown(
+    split: OpenWorldSplit,
+    base: ArmConfig,
+    seeds: Sequence[int],
+    output: BenchmarkOutput,
+    target_far: float,
+) -> str:
+    lines = [
+        f"# Open-world results: {split.name}",
+        "",
+        describe_split(split) + " (query = reference, self pairs excluded).",
+        "",
+        "Settings: " + describe_settings(base, seeds) + ".",
+        "",
+        output.table,
+        "",
+        TABLE_LEGEND,
+        "",
+        "## Reading",
+        "",
+        output.reading,
+        "",
+        "## Files",
+        "",
+    ]
+    for path, what in output.file_descriptions():
+        lines.append(f"- `{path.name}`: {what}")
+    lines += [
+        "",
+        f"The utility figures show seed {seeds[0]} and mark the global threshold calibrated "
+        f"for FAR {target_far:g} on the unseen classes.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _calibrated_threshold(result: ArmResult, target_far: float) -> float:
+    report = calibrate_threshold(
+        torch.from_numpy(result.embeddings),
+        torch.from_numpy(result.labels),
+        target_far=target_far,
+    )
+    return report.threshold
+
+
+def _outcome(result: ArmResult | None) -> str:
+    if result is None:
+        return "trained"
+    metrics = result.metrics
+    return (
+        f"R@1 {100 * metrics['precision_at_1']:.2f} %  OPIS {1000 * metrics['opis']:.2f}e-3  "
+        f"ε-OPIS {1000 * metrics['eps_opis']:.2f}e-3"
+    )
+
+
+def _span(labels: Sequence[int]) -> str:
+    if labels and labels == list(range(labels[0], labels[-1] + 1)) and len(labels) > 2:
+        return f"{labels[0]}-{labels[-1]}"
+    return ", ".join(map(str, labels))

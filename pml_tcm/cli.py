@@ -18,6 +18,7 @@ from .data import DATASETS, DatasetError
 DEFAULT_EPOCHS = {"digits": 30, "fashion-mnist": 8}
 DEFAULT_THREADS = {"digits": 1}
 QUICK_SAMPLES = 500
+WIDTH = 100  # the demo's printed lines wrap here
 
 
 class InputError(Exception):
@@ -29,11 +30,66 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pml-tcm",
         description="Threshold-Consistent Margin (TCM) and OPIS for pytorch-metric-learning.",
+        epilog=(
+            "examples:\n"
+            "  pml-tcm demo                          # the open-world demo, about 10-60 s\n"
+            "  pml-tcm report emb.npy labels.npy     # OPIS and a threshold for your embeddings\n"
+            "  pml-tcm COMMAND --help                # the options of one command"
+        ),
+        formatter_class=HelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument(
+        "--version", action="version", version=version_text(), help="show the versions and exit"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     _add_demo(commands)
     _add_report(commands)
     return parser
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's examples as written and ends every option's help with its
+    default, like ``ArgumentDefaultsHelpFormatter`` but readable for lists, flags and
+    defaults that depend on other options (those say their default themselves)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if (
+            "%(default)" in help_text
+            or "default" in help_text
+            or action.default is argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return help_text
+        if action.nargs == 0:  # a flag
+            shown = "on" if action.default else "off"
+        elif isinstance(action.default, (list, tuple)):
+            shown = " ".join(
+                f"{value:g}" if isinstance(value, float) else str(value) for value in action.default
+            )
+        elif isinstance(action.default, float):
+            shown = f"{action.default:g}"
+        else:
+            shown = str(action.default)
+        return f"{help_text} (default: {shown.replace('%', '%%')})"
+
+
+def version_text() -> str:
+    """``pml-tcm X (pytorch-metric-learning Y, torch Z)``, read without importing torch."""
+    from importlib import metadata
+
+    from . import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return (
+        f"pml-tcm {__version__} (pytorch-metric-learning "
+        f"{installed('pytorch-metric-learning')}, torch {installed('torch')})"
+    )
 
 
 def _add_demo(commands: argparse._SubParsersAction) -> None:
@@ -44,11 +100,26 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         help="open-world experiment: train on classes 0-4, OPIS on unseen classes 5-9",
         description=(
             "Train each base loss without and with TCM on classes 0-4, evaluate R@1, "
-            "MAP@R, OPIS and eps-OPIS on the unseen classes 5-9, print the table and "
-            "write it with the figures to --out."
+            "MAP@R, OPIS and eps-OPIS on the unseen classes 5-9, print the table with a "
+            "short reading and write it with the figures to --out."
         ),
+        epilog=(
+            "examples:\n"
+            "  pml-tcm demo                                 # digits, 30 epochs, seed 0\n"
+            "  pml-tcm demo --quick                         # code-path check, a few seconds\n"
+            "  pml-tcm demo --seeds 0 1 2 3 4 --no-circle   # mean ± std over five seeds\n"
+            "  pml-tcm demo --dataset fashion-mnist --seeds 0 1 2 --epochs 4\n"
+            "  pml-tcm demo --losses arcface --tcm-weight 0.5 --pos-margin 0.85 --tcm-miner"
+        ),
+        formatter_class=HelpFormatter,
     )
-    demo.add_argument("--dataset", choices=DATASETS, default="digits")
+    demo.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="digits",
+        help="digits: scikit-learn's bundled 8x8 digits; fashion-mnist: the IDX files in "
+        "--data-dir",
+    )
     demo.add_argument(
         "--data-dir",
         type=Path,
@@ -56,38 +127,71 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         help="folder with the four Fashion-MNIST IDX .gz files "
         "(default /usr/share/datasets/fashion-mnist)",
     )
-    demo.add_argument("--losses", nargs="+", choices=LOSS_NAMES, default=list(LOSS_NAMES))
-    demo.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED")
     demo.add_argument(
-        "--epochs", type=int, default=None, help="default: 30 for digits, 8 for fashion-mnist"
+        "--losses",
+        nargs="+",
+        choices=LOSS_NAMES,
+        default=list(LOSS_NAMES),
+        metavar="LOSS",
+        help=f"base losses to run, each without and with TCM ({', '.join(LOSS_NAMES)})",
     )
-    demo.add_argument("--batch-size", type=int, default=100)
-    demo.add_argument("--embedding-size", type=int, default=64)
-    demo.add_argument("--lr", type=float, default=1e-3)
     demo.add_argument(
-        "--max-batches", type=int, default=None, help="cap on training iterations per epoch"
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[0],
+        metavar="SEED",
+        help="one run per seed and arm; several seeds give mean ± std",
+    )
+    demo.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="training epochs (default: 30 for digits, 8 for fashion-mnist)",
+    )
+    demo.add_argument(
+        "--batch-size", type=int, default=100, help="batch size, a multiple of the 5 classes"
+    )
+    demo.add_argument("--embedding-size", type=int, default=64, help="embedding dimension")
+    demo.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    demo.add_argument(
+        "--max-batches",
+        type=int,
+        default=None,
+        help="cap on training iterations per epoch (default: one pass over the data)",
     )
     demo.add_argument(
         "--quick",
         action="store_true",
         help=f"code-path check: 1 epoch of 2 batches, at most {QUICK_SAMPLES} train/eval samples",
     )
-    demo.add_argument("--pos-margin", type=float, default=0.9, help="TCM m+ (default 0.9)")
-    demo.add_argument("--neg-margin", type=float, default=0.5, help="TCM m- (default 0.5)")
+    demo.add_argument("--pos-margin", type=float, default=0.9, help="TCM m+")
+    demo.add_argument("--neg-margin", type=float, default=0.5, help="TCM m-")
     demo.add_argument(
-        "--tcm-weight", type=float, default=1.0, help="embedding_reg_weight of TCM (default 1)"
+        "--tcm-weight", type=float, default=1.0, help="embedding_reg_weight: the weight of TCM"
     )
     demo.add_argument(
         "--tcm-miner", action="store_true", help="also use TCMMiner as the tuple miner"
     )
     demo.add_argument(
-        "--far-range", nargs=2, type=float, default=(1e-3, 1e-2), metavar=("LO", "HI")
+        "--far-range",
+        nargs=2,
+        type=float,
+        default=(1e-3, 1e-2),
+        metavar=("LO", "HI"),
+        help="FAR bounds of the threshold range OPIS is measured over",
+    )
+    demo.add_argument(
+        "--target-far",
+        type=float,
+        default=1e-3,
+        help="the utility figures mark the threshold calibrated for this FAR",
     )
     demo.add_argument(
         "--device",
         choices=("cpu", "cuda", "auto"),
         default="cpu",
-        help="where to train and evaluate (auto: cuda when available; default cpu)",
+        help="where to train and evaluate (auto: cuda when available)",
     )
     demo.add_argument(
         "--threads",
@@ -97,9 +201,14 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         "thread, torch's default for fashion-mnist)",
     )
     demo.add_argument("--no-circle", action="store_true", help="skip the 2-D ArcFace figure")
-    demo.add_argument("--out", type=Path, default=Path("demo_out"))
     demo.add_argument(
-        "--checkpoint-dir", type=Path, default=None, help="save/reuse trained weights here"
+        "--out", type=Path, default=Path("demo_out"), help="folder for the table and figures"
+    )
+    demo.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="save trained weights here and reuse them (default: none)",
     )
     demo.add_argument(
         "--train-only", action="store_true", help="train and checkpoint only, no evaluation"
@@ -113,24 +222,52 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
         help="R@1, MAP@R, OPIS, eps-OPIS and calibrated threshold of saved embeddings",
         description=(
             "Evaluate embeddings saved from any model (.npy). Without --reference the "
-            "embeddings are their own reference set (self pairs excluded)."
+            "embeddings are their own reference set (self pairs excluded). Prints the "
+            "report and writes report.md, report.json and utility_curves.png to --out."
         ),
+        epilog=(
+            "examples:\n"
+            "  pml-tcm report embeddings.npy labels.npy\n"
+            "  pml-tcm report embeddings.npy labels.npy --target-far 1e-4 --out my_report\n"
+            "  pml-tcm report queries.npy query_labels.npy \\\n"
+            "      --reference gallery.npy --reference-labels gallery_labels.npy --worst 10"
+        ),
+        formatter_class=HelpFormatter,
     )
     report.add_argument("embeddings", type=Path, help="(N, D) float array, .npy")
     report.add_argument("labels", type=Path, help="(N,) integer array, .npy")
-    report.add_argument("--reference", type=Path, default=None, help="(M, D) .npy")
-    report.add_argument("--reference-labels", type=Path, default=None, help="(M,) .npy")
     report.add_argument(
-        "--far-range", nargs=2, type=float, default=(1e-3, 1e-2), metavar=("LO", "HI")
+        "--reference",
+        type=Path,
+        default=None,
+        help="(M, D) .npy reference (gallery) embeddings (default: the embeddings themselves)",
     )
-    report.add_argument("--target-far", type=float, default=1e-3)
+    report.add_argument(
+        "--reference-labels",
+        type=Path,
+        default=None,
+        help="(M,) .npy labels of --reference (default: none; required with --reference)",
+    )
+    report.add_argument(
+        "--far-range",
+        nargs=2,
+        type=float,
+        default=(1e-3, 1e-2),
+        metavar=("LO", "HI"),
+        help="FAR bounds of the threshold range OPIS is measured over",
+    )
+    report.add_argument(
+        "--target-far", type=float, default=1e-3, help="target FAR of the calibrated threshold"
+    )
     report.add_argument("--worst", type=int, default=5, help="how many worst classes to list")
-    report.add_argument("--out", type=Path, default=Path("report_out"))
+    report.add_argument(
+        "--out", type=Path, default=Path("report_out"), help="folder for the report files"
+    )
     report.add_argument(
         "--device",
         choices=("cpu", "cuda", "auto"),
         default="auto",
-        help="where to compute (auto: cuda when torch sees one, else cpu; default auto)",
+        help="where to compute (auto: cuda when torch sees one, else cpu)",
     )
     report.set_defaults(handler=_run_report)
 
@@ -138,11 +275,21 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .benchmark import run_benchmark
+    from .benchmark import (
+        arm_label,
+        benchmark_configs,
+        describe_settings,
+        describe_split,
+        run_benchmark,
+    )
     from .data import load_split
-    from .experiment import ArmConfig, make_accuracy_calculator
+    from .experiment import LOSS_TITLES, ArmConfig, make_accuracy_calculator
+    from .progress import ArmProgress, quiet_pml
+    from .results_table import TABLE_KEY, fill
 
     _check_positive(args, ("batch_size", "embedding_size", "epochs", "max_batches", "threads"))
+    if not 0 < args.target_far <= 1:
+        raise InputError(f"--target-far must lie in (0, 1], got {args.target_far:g}")
     split = load_split(args.dataset, args.data_dir)
     epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[args.dataset]
     max_batches = args.max_batches
@@ -163,39 +310,57 @@ def _run_demo(args: argparse.Namespace) -> int:
         device=_resolve_device(args.device),
     )
     make_accuracy_calculator(base)  # rejects bad OPIS settings before any training
-    print(
-        f"{split.name}: train on classes {sorted(set(split.train_y.tolist()))} "
-        f"({len(split.train_y)} samples), evaluate on unseen classes "
-        f"{sorted(set(split.eval_y.tolist()))} ({len(split.eval_y)} samples); "
-        f"{epochs} epochs, seeds {args.seeds}",
-        flush=True,
-    )
+    configs = benchmark_configs(base, args.losses, args.seeds, not args.no_circle)
+    losses = " and ".join(LOSS_TITLES[name] for name in args.losses)
+    circle = "" if args.no_circle else ", then 2-D ArcFace for a figure"
+    output_dir = "none (--train-only)" if args.train_only else f"{args.out}/"
+    print("pml-tcm demo: does one similarity threshold hold on classes never seen in training?")
+    for name, text in (
+        ("data", describe_split(split)),
+        ("runs", f"{len(configs)}: {losses}, each without/with TCM{circle}"),
+        ("settings", describe_settings(base, args.seeds)),
+        ("output", output_dir),
+    ):
+        print(fill(f"  {name:<9} {text}", WIDTH, indent=" " * 12))
+    print(flush=True)
     start = time.perf_counter()
     threads_before = torch.get_num_threads()
     threads = args.threads if args.threads is not None else DEFAULT_THREADS.get(args.dataset)
+    width = max(len(arm_label(config)) for config in configs)
+    progress = ArmProgress(len(configs), name_width=width)
     try:
         if threads is not None:
             torch.set_num_threads(threads)
-        output = run_benchmark(
-            split,
-            base,
-            args.out,
-            args.losses,
-            args.seeds,
-            circle=not args.no_circle,
-            checkpoint_dir=args.checkpoint_dir,
-            train_only=args.train_only,
-            log=lambda line: print(line, flush=True),
-        )
+        with quiet_pml():
+            output = run_benchmark(
+                split,
+                base,
+                args.out,
+                args.losses,
+                args.seeds,
+                circle=not args.no_circle,
+                checkpoint_dir=args.checkpoint_dir,
+                train_only=args.train_only,
+                progress=progress,
+                target_far=args.target_far,
+            )
     finally:
         torch.set_num_threads(threads_before)
     if not args.train_only:
+        seeds = len(args.seeds)
         print()
+        print(f"Results on the unseen classes, {seeds} seed{'s' if seeds > 1 else ''} per arm:")
         print(output.table)
+        print(fill(TABLE_KEY, WIDTH))
         print()
-        for path in output.files:
-            print(f"wrote {path}")
-    print(f"total time {time.perf_counter() - start:.0f}s")
+        print(output.reading)
+        print()
+        print(f"Files in {args.out}/:")
+        described = output.file_descriptions()
+        width = max(len(path.name) for path, _ in described)
+        for path, what in described:
+            print(f"  {path.name:<{width}}  {what}")
+    print(f"Done in {time.perf_counter() - start:.0f} s.")
     return 0
 
 
@@ -234,8 +399,15 @@ def _check_positive(args: argparse.Namespace, names: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``pml-tcm`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
-    args = build_parser().parse_args(argv)
+    """Run ``pml-tcm`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    Without a command it prints the help (the command list) and returns 0.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     try:
         return args.handler(args)
     except (InputError, DatasetError, ValueError) as error:

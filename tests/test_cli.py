@@ -176,11 +176,17 @@ def test_demo_quick_on_digits_writes_table_and_figures(tmp_path, capsys):
     code = main(["demo", "--quick", "--embedding-size", "16", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "| MultiSimilarity | change |" in printed and "| ArcFace | change |" in printed
-    table = (out / "results.md").read_text()
-    assert table.count("\n") == 8 and "OPIS" in table
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in printed.splitlines()]
+    changes = [row[0] for row in rows if len(row) > 1 and row[1] == "change"]
+    assert changes == ["MultiSimilarity", "ArcFace"]
+    markdown = (out / "results.md").read_text()
+    assert markdown.startswith("# Open-world results: digits")
+    assert "## Reading" in markdown and "1 epoch of" in markdown and "1 epochs" not in markdown
+    table_lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert len(table_lines) == 8 and "OPIS" in table_lines[0]
     for name in ("utility_curves_multisimilarity", "utility_curves_arcface", "embedding_circle"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"{name}.png" in printed and f"{name}.png" in markdown
 
 
 def test_python_dash_m_entry_point():
@@ -188,3 +194,58 @@ def test_python_dash_m_entry_point():
         [sys.executable, "-m", "pml_tcm", "--help"], capture_output=True, text=True, check=False
     )
     assert completed.returncode == 0 and "demo" in completed.stdout and "report" in completed.stdout
+
+
+def test_bare_command_lists_the_commands_and_exits_0():
+    completed = subprocess.run(
+        [sys.executable, "-m", "pml_tcm"], capture_output=True, text=True, check=False
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "demo" in completed.stdout and "report" in completed.stdout
+    assert "examples:" in completed.stdout and completed.stderr == ""
+
+
+def test_version_names_pml_tcm_pml_and_torch(capsys):
+    from importlib import metadata
+
+    import pml_tcm
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith(f"pml-tcm {pml_tcm.__version__} ")
+    assert f"pytorch-metric-learning {metadata.version('pytorch-metric-learning')}" in printed
+    assert f"torch {metadata.version('torch')}" in printed
+
+
+def _option_blocks(help_text: str) -> dict[str, str]:
+    """Each option's help as argparse prints it, keyed by its first option string."""
+    blocks: dict[str, str] = {}
+    current = None
+    for line in help_text.split("options:", 1)[1].split("examples:", 1)[0].splitlines():
+        stripped = line.strip()
+        if stripped.startswith("-") and line.startswith("  -"):
+            current = stripped.split()[0].rstrip(",")
+            blocks[current] = stripped
+        elif current is not None and stripped:
+            blocks[current] += " " + stripped
+    return blocks
+
+
+@pytest.mark.parametrize("command", ["demo", "report"])
+def test_every_option_has_help_with_its_default_and_examples(command):
+    from pml_tcm.cli import build_parser
+
+    parser = build_parser()
+    subparser = next(a for a in parser._actions if a.dest == "command").choices[command]
+    help_text = subparser.format_help()
+    blocks = _option_blocks(help_text)
+    options = [a.option_strings[0] for a in subparser._actions if a.option_strings]
+    assert set(blocks) == set(options)
+    for option, block in blocks.items():
+        if option == "-h":
+            continue
+        assert "default" in block, f"{command} {option}: no default in {block!r}"
+        assert "None" not in block and "[" not in block.split("default", 1)[1], block
+    assert f"examples:\n  pml-tcm {command}" in help_text
