@@ -76,19 +76,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def version_text() -> str:
     """``pml-tcm X (pytorch-metric-learning Y, torch Z)``, read without importing torch."""
-    from importlib import metadata
+    from .provenance import software_versions
 
-    from . import __version__
-
-    def installed(name: str) -> str:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
+    versions = software_versions()
     return (
-        f"pml-tcm {__version__} (pytorch-metric-learning "
-        f"{installed('pytorch-metric-learning')}, torch {installed('torch')})"
+        f"pml-tcm {versions['pml-tcm']} (pytorch-metric-learning "
+        f"{versions['pytorch-metric-learning']}, torch {versions['torch']})"
     )
 
 

@@ -196,8 +196,9 @@ def report_embeddings(
     out: Path = Path("report_out"),
     device: str | torch.device = "cpu",
 ) -> EmbeddingReport:
-    """Load the files, print the report, write ``report.md`` and ``utility_curves.png``
-    into ``out``.
+    """Load the files, print the report, write ``report.md`` (Markdown: metrics,
+    threshold, worst classes, inputs with checksums, settings, versions), ``report.json``
+    (the same at full precision) and ``utility_curves.png`` into ``out``.
 
     Raises:
         ReportInputError: a file is missing or malformed, or only one of ``reference``
@@ -218,16 +219,57 @@ def report_embeddings(
         query, query_labels, ref, ref_labels, far_range, target_far, device=device
     )
     from .plotting import plot_utility_curves
+    from .report_document import InputFile, Provenance, report_json, report_markdown
 
+    given = [("embeddings", embeddings), ("labels", labels)]
+    if reference is not None:
+        given += [("reference", reference), ("reference labels", reference_labels)]
+    inputs = [InputFile.of(role, Path(path)) for role, path in given]
+    settings = {
+        "far_range": tuple(far_range),
+        "target_far": target_far,
+        "worst": worst,
+        "device": str(device),
+    }
+    provenance = Provenance.now()
     text = report.text(worst)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(text + "\n")
-    figure = plot_utility_curves(report.opis_result)
-    figure.tight_layout()
-    figure.savefig(out / "utility_curves.png", dpi=120)
+    files = {
+        out / "report.md": "the report in Markdown, with inputs, settings and versions",
+        out / "report.json": "the same numbers at full precision, machine-readable",
+        out / "utility_curves.png": "per-class utility vs threshold, calibrated threshold marked",
+    }
+    paths = list(files)
+    paths[0].write_text(report_markdown(report, worst, inputs, settings, provenance))
+    paths[1].write_text(report_json(report, worst, inputs, settings, provenance))
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.8, 4.8), layout="constrained")
+    plot_utility_curves(
+        report.opis_result,
+        ax=figure.add_subplot(),
+        threshold=report.calibration.threshold,
+        threshold_label=f"threshold for\nFAR {target_far:g}: {report.calibration.threshold:.4f}",
+        title=f"OPIS {report.metrics['opis']:.4g}   ε-OPIS {report.metrics['eps_opis']:.4g}",
+        legend=False,
+    )
+    handles = [line for line in figure.axes[0].get_lines() if not line.get_label().startswith("_")]
+    labels = [line.get_label() for line in handles]
+    if len(handles) > 12:  # the classes share one colour: one entry for them all
+        handles, labels = handles[:1] + handles[-2:], ["each class"] + labels[-2:]
+    figure.legend(handles, labels, loc="outside right center", fontsize=8, frameon=False)
+    figure.suptitle(
+        "Per-class utility (F1) vs similarity threshold over the calibration range; black: "
+        "all classes pooled.\nLower OPIS is better: the class curves stay closer to the "
+        "pooled one, so one threshold suits every class.",
+        fontsize=9,
+    )
+    figure.savefig(paths[2], dpi=120)
     print(text)
-    print(f"\nwrote {out / 'report.md'}\nwrote {out / 'utility_curves.png'}")
+    print()
+    for path, what in files.items():
+        print(f"wrote {path}  ({what})")
     return report
 
 

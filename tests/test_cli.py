@@ -64,7 +64,7 @@ def test_report_values_match_brute_force(saved_embeddings, tmp_path, capsys):
     assert f"R@1       {expected:.4f}" in printed
     assert "worst classes" in printed and "threshold" in printed
     assert (tmp_path / "utility_curves.png").stat().st_size > 0
-    assert (tmp_path / "report.md").read_text().startswith("180 queries vs 180 references")
+    assert (tmp_path / "report.md").read_text().startswith("# pml-tcm report")
 
     report = compute_report(embeddings, labels, target_far=0.01)
     assert report.metrics["precision_at_1"] == pytest.approx(expected)
@@ -75,6 +75,70 @@ def test_report_values_match_brute_force(saved_embeddings, tmp_path, capsys):
     worst = report.worst_classes(3)
     utilities = [row[1] for row in worst]
     assert utilities == sorted(utilities) and len(worst) == 3
+
+
+def _table(markdown: str, heading: str) -> list[list[str]]:
+    """The rows (header and separator left out) of the first table under ``heading``."""
+    section = markdown.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[2:]]
+
+
+def test_report_files_hold_the_printed_numbers_inputs_settings_and_versions(
+    saved_embeddings, tmp_path, capsys
+):
+    import hashlib
+    import json
+    from datetime import datetime, timezone
+    from importlib import metadata
+
+    folder, embeddings, labels = saved_embeddings
+    emb, lab = folder / "emb.npy", folder / "labels.npy"
+    args = ["report", str(emb), str(lab), "--out", str(tmp_path), "--target-far", "0.01"]
+    assert main(args + ["--worst", "3", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    markdown = (tmp_path / "report.md").read_text()
+    document = json.loads(
+        (tmp_path / "report.json").read_text(),
+        parse_constant=lambda name: pytest.fail(f"report.json holds {name}"),
+    )
+    for heading in ("Metrics", "Calibrated threshold", "Worst classes", "Inputs", "Settings"):
+        assert f"\n## {heading}\n" in markdown, heading
+    # the same numbers as the terminal, and R@1 / the threshold as brute force gives them
+    metrics = {row[0]: row[1] for row in _table(markdown, "Metrics")}
+    expected_r_at_1 = _brute_force_r_at_1(embeddings, labels)
+    assert metrics["R@1"] == f"{expected_r_at_1:.4f}" and f"R@1       {metrics['R@1']}" in printed
+    assert f"OPIS      {metrics['OPIS']}" in printed
+    assert f"eps-OPIS  {metrics['ε-OPIS']}" in printed
+    assert f"MAP@R     {metrics['MAP@R']}" in printed
+    assert document["metrics"]["precision_at_1"] == pytest.approx(expected_r_at_1)
+    assert f"{document['metrics']['opis']:.4g}" == metrics["OPIS"]
+    threshold = _brute_force_far_threshold(embeddings, labels, 0.01)
+    assert document["calibration"]["threshold"] == pytest.approx(threshold, abs=1e-5)
+    threshold_line = f"threshold {document['calibration']['threshold']:.6g} for target FAR 0.01"
+    assert threshold_line in printed and f"- {threshold_line}" in markdown
+    worst = _table(markdown, "Worst classes")
+    assert len(worst) == 3 and all(f"| {' | '.join(row)} |" in printed for row in worst)
+    assert [str(row["label"]) for row in document["worst_classes"]] == [row[0] for row in worst]
+    # inputs: shapes and checksums of the files as given
+    inputs = {row[0]: row for row in _table(markdown, "Inputs")}
+    for role, path, shape in (("embeddings", emb, "180 × 8"), ("labels", lab, "180")):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert inputs[role][1] == f"`{path}`" and inputs[role][2] == shape
+        assert inputs[role][4] == f"`{digest}`"
+        assert {"role": role, "sha256": digest}.items() <= next(
+            item for item in document["inputs"] if item["role"] == role
+        ).items()
+    settings = {row[0]: row[1] for row in _table(markdown, "Settings")}
+    assert settings["target_far"] == "0.01" and settings["worst"] == "3"
+    assert document["settings"]["far_range"] == [1e-3, 1e-2]
+    # versions and time
+    for name in ("pytorch-metric-learning", "torch"):
+        assert document["versions"][name] == metadata.version(name)
+        assert f"{name} {metadata.version(name)}" in markdown
+    created = datetime.strptime(document["created"], "%Y-%m-%dT%H:%M:%SZ")
+    age = datetime.now(timezone.utc).replace(tzinfo=None) - created
+    assert 0 <= age.total_seconds() < 600 and document["created"] in markdown
 
 
 def test_report_with_reference_set(saved_embeddings, tmp_path, capsys):
