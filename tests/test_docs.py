@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -183,20 +185,125 @@ def test_every_public_name_is_in_the_api_reference() -> None:
         assert name in names, f"pml_tcm.functional.{name} is missing from docs/reference"
 
 
-def test_mkdocs_build_strict(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def built_site(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """The site as ``mkdocs build --strict`` writes it, built once for this module."""
     pytest.importorskip("mkdocs")
     pytest.importorskip("mkdocstrings_handlers.python")
+    site = tmp_path_factory.mktemp("site")
     run = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
         timeout=300,
     )
+    return site, run
+
+
+def test_mkdocs_build_strict(built_site) -> None:
+    _, run = built_site
     assert run.returncode == 0, run.stderr[-4000:]
     warnings = [line for line in run.stderr.splitlines() if line.startswith("WARNING")]
     assert not warnings, "\n".join(warnings)
+
+
+class _References(HTMLParser):
+    """Every URL an HTML page makes the browser load: scripts, stylesheets, fonts, icons,
+    preloads, and ``url()`` / ``@import`` inside ``<style>`` and ``style=``."""
+
+    LOADING_RELS = {"stylesheet", "preload", "modulepreload", "preconnect", "dns-prefetch",
+                    "icon", "shortcut", "apple-touch-icon", "manifest", "prefetch"}  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+        self._in_style = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = {name: value or "" for name, value in attrs}
+        if tag in {"script", "img", "iframe", "audio", "video", "source"} and values.get("src"):
+            self.urls.append(values["src"])
+        if tag == "link" and set(values.get("rel", "").lower().split()) & self.LOADING_RELS:
+            self.urls.append(values.get("href", ""))
+        if "style" in values:
+            self.urls += css_urls(values["style"])
+        self._in_style = tag == "style"
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_style = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_style:
+            self.urls += css_urls(data)
+
+
+def css_urls(css: str) -> list[str]:
+    """The targets of ``url(...)`` and ``@import "..."`` in CSS."""
+    found = re.findall(r"url\(\s*['\"]?([^'\")]+)", css)
+    return found + re.findall(r"@import\s+['\"]([^'\"]+)", css)
+
+
+def is_external(url: str) -> bool:
+    return url.strip().lower().startswith(("http:", "https:", "//"))
+
+
+def test_built_site_loads_nothing_from_another_host(built_site) -> None:
+    site, run = built_site
+    assert run.returncode == 0, run.stderr[-4000:]
+    external = []
+    pages = sorted(site.rglob("*.html"))
+    assert len(pages) > 10
+    for page in pages:
+        parser = _References()
+        parser.feed(page.read_text(encoding="utf-8"))
+        external += [f"{page.relative_to(site)}: {url}" for url in parser.urls if is_external(url)]
+    for sheet in site.rglob("*.css"):
+        urls = css_urls(sheet.read_text(encoding="utf-8", errors="replace"))
+        external += [f"{sheet.relative_to(site)}: {url}" for url in urls if is_external(url)]
+    assert not external, "\n".join(external[:20])
+    assert (site / "assets" / "mathjax" / "tex-svg.js").is_file()  # served by the site
+
+
+CHROMIUM_NAMES = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
+
+
+def test_concepts_formulas_are_typeset_offline_in_headless_chromium(built_site) -> None:
+    """The browser may reach no host (every name resolves to nothing): the formulas are
+    typeset only if the site serves its own MathJax."""
+    site, run = built_site
+    assert run.returncode == 0, run.stderr[-4000:]
+    browser = next((shutil.which(name) for name in CHROMIUM_NAMES if shutil.which(name)), None)
+    if browser is None:
+        message = "no headless Chromium: apt-get install chromium-headless-shell"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # .ci/run installs it
+        pytest.skip(message)
+    page = site / "concepts" / "index.html"
+    formulas = page.read_text(encoding="utf-8").count('class="arithmatex"')
+    assert formulas >= 50
+    dom = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--virtual-time-budget=20000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    ).stdout
+    typeset = re.findall(r"<mjx-container[^>]*>(.*?)</mjx-container>", dom, flags=re.DOTALL)
+    assert len(typeset) == formulas, f"{len(typeset)} of {formulas} formulas typeset"
+    assert all(part.lstrip().startswith("<svg") for part in typeset)
+    assert '<g data-mml-node="merror"' not in dom  # no TeX error boxes
 
 
 def test_every_cli_option_is_in_the_cli_reference() -> None:
