@@ -278,7 +278,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .data import load_split
     from .experiment import LOSS_TITLES, ArmConfig, make_accuracy_calculator
     from .progress import ArmProgress, quiet_pml
-    from .results_table import TABLE_KEY, fill
+    from .results_table import fill, table_key
 
     _check_positive(args, ("batch_size", "embedding_size", "epochs", "max_batches", "threads"))
     if not 0 < args.target_far <= 1:
@@ -344,7 +344,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         print()
         print(f"Results on the unseen classes, {seeds} seed{'s' if seeds > 1 else ''} per arm:")
         print(output.table)
-        print(fill(TABLE_KEY, WIDTH))
+        print(fill(table_key(seeds == 1), WIDTH))
         print()
         print(output.reading)
         print()

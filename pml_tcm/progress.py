@@ -128,7 +128,8 @@ class ArmProgress:
             self._write(line + "\n")
 
     def _prefix(self) -> str:
-        return f"[{self._index}/{self.total}] {self._name:<{self.name_width}}  "
+        counter = f"[{self._index:>{len(str(self.total))}}/{self.total}]"
+        return f"{counter} {self._name:<{self.name_width}}  "
 
     def _draw(self, text: str) -> None:
         # \r back to the line start, then pad over what the previous draw left; a line

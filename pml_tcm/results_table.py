@@ -35,10 +35,14 @@ _RELATIVE_CHANGE = {"opis", "eps_opis"}
 LOWER_IS_BETTER = frozenset({"opis", "eps_opis"})
 WORSE = "worse"
 
-TABLE_KEY = (
-    "↑ higher is better, ↓ lower is better; n = 1: a single run, no spread; "
-    f"'{WORSE}': TCM moved the metric the wrong way."
-)
+
+def table_key(single_seed: bool) -> str:
+    """One line under the printed table: the arrows, ``n = 1`` (when ``single_seed``)
+    and the ``worse`` flag."""
+    single = "n = 1: a single run, no spread; " if single_seed else "mean ± std over n seeds; "
+    return f"↑ higher is better, ↓ lower is better; {single}'{WORSE}': TCM moved it the wrong way."
+
+
 TABLE_LEGEND = (
     "↑ higher is better, ↓ lower is better. Cells: mean ± std (population) over n seeds; "
     "n = 1 is a single run, which has no spread. change: TCM's effect on the mean, in "
@@ -169,15 +173,15 @@ def plain_reading(results: Sequence[ArmResult], width: int = 100) -> str:
             continue
         seeds.add(min(opis.baseline.size, opis.with_tcm.size))
         title = LOSS_TITLES.get(loss, loss)
+        spread = ", within the seed-to-seed spread" if opis.within_spread else ""
         eps_part = f"ε-OPIS {eps.change_text()}"
         if opis.worse:
-            opis_part = f"TCM made OPIS worse here ({opis.change_text()}; {eps_part})"
+            opis_part = f"TCM made OPIS worse here ({opis.change_text()}{spread}; {eps_part})"
         elif opis.difference < 0:
-            opis_part = f"TCM lowered OPIS by {opis.change_text().lstrip('-')} ({eps_part})"
+            lowered = opis.change_text().lstrip("-")
+            opis_part = f"TCM lowered OPIS by {lowered} ({eps_part}{spread.replace(',', ';')})"
         else:
             opis_part = f"TCM left OPIS unchanged ({eps_part})"
-        if opis.within_spread:
-            opis_part += ", less than the seed-to-seed spread"
         points = _SCALE["precision_at_1"] * r_at_1.difference
         if points < 0:
             accuracy = f"at a cost of {-points:.2f} points of R@1"
