@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Threshold-Consistent Margin (TCM) and OPIS for pytorch-metric-learning.",
         epilog=(
             "examples:\n"
-            "  pml-tcm demo                          # the open-world demo, about 10-60 s\n"
+            "  pml-tcm demo                          # the open-world demo: seconds on a CPU\n"
             "  pml-tcm report emb.npy labels.npy     # OPIS and a threshold for your embeddings\n"
             "  pml-tcm COMMAND --help                # the options of one command"
         ),
@@ -47,10 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.HelpFormatter):
     """Keeps the epilog's examples as written and ends every option's help with its
     default, like ``ArgumentDefaultsHelpFormatter`` but readable for lists, flags and
     defaults that depend on other options (those say their default themselves)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:  # the examples: one command a line, as written
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         help_text = action.help or ""
@@ -118,7 +123,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         help="folder with the four Fashion-MNIST IDX .gz files "
-        "(default /usr/share/datasets/fashion-mnist)",
+        "(default: /usr/share/datasets/fashion-mnist)",
     )
     demo.add_argument(
         "--losses",
@@ -126,7 +131,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         choices=LOSS_NAMES,
         default=list(LOSS_NAMES),
         metavar="LOSS",
-        help=f"base losses to run, each without and with TCM ({', '.join(LOSS_NAMES)})",
+        help=f"base losses to run, each without and with TCM; any of {', '.join(LOSS_NAMES)}",
     )
     demo.add_argument(
         "--seeds",
