@@ -39,21 +39,34 @@ def _train_two_batches() -> None:
     ).train(num_epochs=1)
 
 
-def test_quiet_pml_hides_bars_and_the_loss_warning_only_inside(capfd):
-    with warnings.catch_warnings(record=True) as outside:
-        warnings.simplefilter("always")
-        _train_two_batches()
-    loud = capfd.readouterr().err
-    assert "2/2" in loud  # pml's tqdm bar, as pml draws it
-    assert any("requires_grad" in str(w.message) for w in outside)
+LOSS_WARNING = (
+    "Converting a tensor with requires_grad=True to a scalar may lead to unexpected behavior."
+)
 
+
+def _warn_like_torch() -> None:
+    # torch raises this one only once per process (TORCH_WARN_ONCE), so the test warns
+    # with the same category and text itself
+    warnings.warn(LOSS_WARNING, UserWarning, stacklevel=1)
+
+
+def test_quiet_pml_hides_bars_and_the_loss_warning_only_inside(capfd):
+    with warnings.catch_warnings(record=True):  # pml's own loss warning, outside
+        _train_two_batches()
+    assert "2/2" in capfd.readouterr().err  # pml's tqdm bar, as pml draws it
     originals = (base_trainer.tqdm, base_tester.tqdm)
-    with warnings.catch_warnings(record=True) as inside:
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with quiet_pml():
             _train_two_batches()
+            _warn_like_torch()
+            warnings.warn("another warning", UserWarning, stacklevel=1)
+        inside = [str(w.message) for w in caught]
+        _warn_like_torch()
+        after = [str(w.message) for w in caught][len(inside) :]
     assert capfd.readouterr().err == ""
-    assert not any("requires_grad" in str(w.message) for w in inside)
+    assert LOSS_WARNING not in inside and "another warning" in inside  # only the known one
+    assert after == [LOSS_WARNING]
     assert (base_trainer.tqdm, base_tester.tqdm) == originals
 
 
