@@ -402,3 +402,15 @@ def test_regularizer_under_torch_compile():
     value.backward()
     assert value.item() == pytest.approx(naive_tcm(x.double(), y, **MARGINS).item(), abs=1e-5)
     assert torch.isfinite(leaf.grad).all()
+
+
+def test_with_tcm_loss_under_torch_compile():
+    loss = with_tcm(losses.ContrastiveLoss(), regularizer=TCMRegularizer(check_inputs=False))
+    compiled = torch.compile(loss, backend="aot_eager")
+    x, y = batch(seed=22, dtype=torch.float32)
+    leaf = x.clone().requires_grad_()
+    value = compiled(leaf, y)
+    value.backward()
+    expected = losses.ContrastiveLoss()(x.double(), y) + naive_tcm(x.double(), y)
+    assert value.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert torch.isfinite(leaf.grad).all()
