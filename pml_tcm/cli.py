@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .data import DATASETS, DatasetError
+from .demo.data import DATASETS, DatasetError
 
 DEFAULT_EPOCHS = {"digits": 30, "fashion-mnist": 8}
 DEFAULT_THREADS = {"digits": 1}
@@ -91,7 +91,7 @@ def version_text() -> str:
 
 
 def _add_demo(commands: argparse._SubParsersAction) -> None:
-    from .experiment import LOSS_NAMES
+    from .demo.experiment import LOSS_NAMES
 
     demo = commands.add_parser(
         "demo",
@@ -273,17 +273,17 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .benchmark import (
+    from .demo.benchmark import (
         arm_label,
         benchmark_configs,
         describe_settings,
         describe_split,
         run_benchmark,
     )
-    from .data import load_split
-    from .experiment import LOSS_TITLES, ArmConfig, make_accuracy_calculator
-    from .progress import ArmProgress, quiet_pml
-    from .results_table import fill, table_key
+    from .demo.data import load_split
+    from .demo.experiment import LOSS_TITLES, ArmConfig, make_accuracy_calculator
+    from .demo.progress import ArmProgress, quiet_pml
+    from .demo.results_table import fill, table_key
 
     _check_positive(args, ("batch_size", "embedding_size", "epochs", "max_batches", "threads"))
     if not 0 < args.target_far <= 1:

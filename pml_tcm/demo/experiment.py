@@ -29,12 +29,12 @@ import torch
 from pytorch_metric_learning import losses, samplers, testers, trainers
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from .accuracy import OPISAccuracyCalculator
+from ..accuracy import OPISAccuracyCalculator
+from ..functional.opis import OPISResult
+from ..miner import TCMMiner
+from ..wrapping import with_tcm
 from .data import OpenWorldSplit
-from .functional.opis import OPISResult
-from .miner import TCMMiner
 from .models import make_embedder, make_trunk
-from .wrapping import with_tcm
 
 LOSS_NAMES = ("multisimilarity", "arcface")
 LOSS_TITLES = {"multisimilarity": "MultiSimilarity", "arcface": "ArcFace"}

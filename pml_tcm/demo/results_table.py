@@ -66,7 +66,7 @@ class TCMEffect:
 
     Attributes:
         loss: the base loss name.
-        metric: one of :data:`pml_tcm.experiment.METRICS`.
+        metric: one of :data:`pml_tcm.demo.experiment.METRICS`.
         baseline: ``(n,)`` values without TCM, one per seed.
         with_tcm: ``(n,)`` values with TCM.
     """

@@ -3,7 +3,7 @@
 Used by ``pml-tcm demo`` and ``examples/open_world.py``. Writes into ``out``:
 
 * ``results.md``: the settings, the Markdown table of
-  :func:`pml_tcm.results_table.markdown_table` and its plain-language reading;
+  :func:`pml_tcm.demo.results_table.markdown_table` and its plain-language reading;
 * ``utility_curves_<loss>.png``: per-class utility vs threshold on the unseen classes,
   baseline beside +TCM (first seed), the threshold calibrated for ``target_far`` marked;
 * ``embedding_circle.png``: ArcFace with a 2-D embedding, unseen classes on the unit
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .calibration import calibrate_threshold
+from ..calibration import calibrate_threshold
 from .data import OpenWorldSplit
 from .embedding_circle import embedding_circle_figure
 from .experiment import LOSS_TITLES, ArmConfig, ArmResult, arm_configs, run_arm
@@ -122,14 +122,14 @@ def run_benchmark(
         split: the data.
         base: settings shared by the arms (epochs, batch size, TCM margins...).
         out: output folder (created).
-        loss_names: base losses (see :data:`pml_tcm.experiment.LOSS_NAMES`).
+        loss_names: base losses (see :data:`pml_tcm.demo.experiment.LOSS_NAMES`).
         seeds: seeds, one run per (loss, without/with TCM, seed).
         circle: also train 2-D ArcFace (first seed, without/with TCM) for the circle
             figure.
         checkpoint_dir: keep/reuse trained weights there (see
-            :func:`pml_tcm.experiment.run_arm`).
+            :func:`pml_tcm.demo.experiment.run_arm`).
         train_only: train (and checkpoint) every arm, evaluate nothing, write nothing.
-        progress: shows one line per arm (see :class:`pml_tcm.progress.ArmProgress`);
+        progress: shows one line per arm (see :class:`pml_tcm.demo.progress.ArmProgress`);
             ``None`` shows nothing.
         target_far: the utility figures mark the global threshold calibrated for this
             FAR on the unseen classes (:func:`pml_tcm.calibrate_threshold`).

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from .functional.opis import OPISResult
-from .plotting import plot_utility_curves, utility_range
+from ..functional.opis import OPISResult
+from ..plotting import plot_utility_curves, utility_range
 
 CAPTION = (
     "Per-class utility (F1) vs similarity threshold on the unseen classes, over each "

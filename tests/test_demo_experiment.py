@@ -10,8 +10,8 @@ import torch
 from pytorch_metric_learning import losses, samplers, trainers
 
 from pml_tcm import TCMMiner, with_tcm
-from pml_tcm.data import digits_split
-from pml_tcm.experiment import (
+from pml_tcm.demo.data import digits_split
+from pml_tcm.demo.experiment import (
     METRICS,
     ArmConfig,
     ArmResult,
@@ -19,8 +19,8 @@ from pml_tcm.experiment import (
     run_arm,
     seed_everything,
 )
-from pml_tcm.models import make_embedder, make_trunk
-from pml_tcm.results_table import markdown_table, plain_reading
+from pml_tcm.demo.models import make_embedder, make_trunk
+from pml_tcm.demo.results_table import markdown_table, plain_reading
 
 
 @pytest.fixture(scope="module")
