@@ -8,11 +8,15 @@ Used by ``pml-tcm demo`` and ``examples/open_world.py``. Writes into ``out``:
   baseline beside +TCM (first seed), the threshold calibrated for ``target_far`` marked;
 * ``embedding_circle.png``: ArcFace with a 2-D embedding, unseen classes on the unit
   circle, baseline beside +TCM (when ``circle``).
+
+Each file is written under a temporary name and renamed when complete: a failure never
+leaves a half-written file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,9 +25,10 @@ import torch
 from ..calibration import calibrate_threshold
 from .data import OpenWorldSplit
 from .embedding_circle import embedding_circle_figure
-from .experiment import LOSS_TITLES, ArmConfig, ArmResult, arm_configs, run_arm
+from .experiment import ArmConfig, ArmResult, arm_configs, run_arm
 from .progress import ArmProgress
 from .results_table import TABLE_LEGEND, markdown_table, plain_reading
+from .settings import LOSS_TITLES
 from .utility_figure import utility_caption, utility_comparison_figure
 
 DATASET_TITLES = {"digits": "scikit-learn digits (8x8)", "fashion-mnist": "Fashion-MNIST"}
@@ -171,7 +176,7 @@ def run_benchmark(
             caption=utility_caption(base.far_range, target_far),
         )
         files.append(out / f"utility_curves_{loss_name}.png")
-        figure.savefig(files[-1], dpi=120)
+        _write_whole(files[-1], lambda path, figure=figure: figure.savefig(path, dpi=120))
     if circle_results:
         panels = [
             (
@@ -184,10 +189,21 @@ def run_benchmark(
         ]
         figure = embedding_circle_figure(panels, split.class_names)
         files.append(out / "embedding_circle.png")
-        figure.savefig(files[-1], dpi=120)
+        _write_whole(files[-1], lambda path: figure.savefig(path, dpi=120))
     output = BenchmarkOutput(results + circle_results, table, files, reading)
-    files[0].write_text(_results_markdown(split, base, seeds, output, target_far))
+    markdown = _results_markdown(split, base, seeds, output, target_far)
+    _write_whole(files[0], lambda path: path.write_text(markdown))
     return output
+
+
+def _write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(partial)`` to a temporary name beside ``path``, then rename it to ``path``."""
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _results_markdown(
