@@ -83,7 +83,7 @@ def version_text() -> str:
 
 
 def _add_demo(commands: argparse._SubParsersAction) -> None:
-    from .demo.settings import DATASETS, LOSS_NAMES, QUICK_SAMPLES
+    from .demo.settings import DATASETS, LOSS_NAMES, QUICK_SAMPLES, SWEEP_PAGE
 
     demo = commands.add_parser(
         "demo",
@@ -155,13 +155,14 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help=f"code-path check: 1 epoch of 2 batches, at most {QUICK_SAMPLES} train/eval samples",
     )
-    demo.add_argument("--pos-margin", type=float, default=0.9, help="TCM m+")
-    demo.add_argument("--neg-margin", type=float, default=0.5, help="TCM m-")
+    validated = f"(default: per data set and loss, chosen on validation classes: {SWEEP_PAGE})"
+    demo.add_argument("--pos-margin", type=float, default=None, help=f"TCM m+ {validated}")
+    demo.add_argument("--neg-margin", type=float, default=None, help=f"TCM m- {validated}")
     demo.add_argument(
         "--tcm-weight",
         type=float,
-        default=1.0,
-        help="embedding_reg_weight: the weight of TCM, positive",
+        default=None,
+        help=f"embedding_reg_weight: the weight of TCM, positive {validated}",
     )
     demo.add_argument(
         "--tcm-miner", action="store_true", help="also use TCMMiner as the tuple miner"

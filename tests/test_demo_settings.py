@@ -1,20 +1,125 @@
-"""The demo's settings: every bad setting refused before anything is loaded, trained or
-written."""
+"""The demo's settings: the validated TCM defaults, and every bad setting refused before
+anything is loaded, trained or written."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from pytorch_metric_learning import losses
 
+from pml_tcm import with_tcm
 from pml_tcm.cli import main
 from pml_tcm.demo import benchmark, data
-from pml_tcm.demo.benchmark import _write_whole
+from pml_tcm.demo.benchmark import _write_whole, benchmark_configs
+from pml_tcm.demo.experiment import ArmConfig, build_loss
+from pml_tcm.demo.settings import (
+    LOSS_NAMES,
+    SWEEP_CHOICES,
+    default_tcm,
+    describe_tcm,
+    resolve_tcm,
+    tcm_paragraph,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
+SWEEP_PAGE = ROOT / "docs" / "benchmarks" / "tcm_sweep.md"
+TITLES = {"MultiSimilarity": "multisimilarity", "ArcFace": "arcface"}
+DATASET_SECTIONS = {"Fashion-MNIST": "fashion-mnist", "Digits": "digits"}
+
+
+def _recorded_choices() -> dict[tuple[str, str], tuple[float, float, float]]:
+    """(dataset, loss) -> (weight, m+, m-) from the sweep page's 'chosen weight' tables."""
+    choices = {}
+    sections = re.split(r"^### ", SWEEP_PAGE.read_text(), flags=re.M)[1:]
+    for section in sections:
+        dataset = DATASET_SECTIONS.get(section.splitlines()[0].strip())
+        if dataset is None:
+            continue
+        table = section[section.index("| Loss | chosen weight |") :]
+        for line in table.splitlines()[2:]:
+            if not line.startswith("|"):
+                break
+            loss, chosen = [cell.strip() for cell in line.strip("|").split("|")][:2]
+            if loss not in TITLES:
+                continue
+            margins = re.search(r"m±=\(([-\d.]+), ([-\d.]+)\)", chosen)
+            pos, neg = (float(margins[1]), float(margins[2])) if margins else (0.9, 0.5)
+            choices[dataset, TITLES[loss]] = (float(chosen.split()[0].rstrip(",")), pos, neg)
+    return choices
+
+
+def test_the_demo_defaults_are_the_choices_recorded_by_the_validated_sweep():
+    recorded = _recorded_choices()
+    assert recorded == {
+        key: (c.weight, c.pos_margin, c.neg_margin) for key, c in SWEEP_CHOICES.items()
+    }
+    for (dataset, loss), (weight, pos, neg) in recorded.items():
+        setting = default_tcm(dataset, loss)
+        if weight == 0:  # validation preferred no TCM: the TCM arm keeps the paper's
+            assert (setting.weight, setting.pos_margin, setting.neg_margin) == (1.0, 0.9, 0.5)
+            assert setting.validation_chose_no_tcm
+        else:
+            assert (setting.weight, setting.pos_margin, setting.neg_margin) == (weight, pos, neg)
+            assert not setting.validation_chose_no_tcm
+
+
+def test_with_tcm_keeps_the_papers_defaults():
+    loss = with_tcm(losses.MultiSimilarityLoss())
+    tcm = loss.embedding_regularizer
+    assert (tcm.pos_margin, tcm.neg_margin, tcm.pos_weight, tcm.neg_weight) == (0.9, 0.5, 1, 1)
+    assert loss.embedding_reg_weight == 1
+
+
+def test_each_arm_trains_with_its_loss_setting():
+    tcm = resolve_tcm("digits", LOSS_NAMES)
+    configs = benchmark_configs(ArmConfig(), LOSS_NAMES, [0, 1], circle=True, tcm=tcm)
+    for config in configs:
+        expected = 3.0 if config.loss == "multisimilarity" else 1.0
+        assert config.tcm_weight == expected, config
+        loss = build_loss(config, num_classes=5)
+        if config.tcm:
+            assert loss.embedding_reg_weight == expected
+            assert (
+                loss.embedding_regularizer.pos_margin,
+                loss.embedding_regularizer.neg_margin,
+            ) == (
+                0.9,
+                0.5,
+            )
+        else:
+            assert loss.embedding_regularizer is None
+
+
+def test_a_value_given_on_the_command_line_replaces_only_that_default():
+    weight = resolve_tcm("digits", LOSS_NAMES, weight=0.5)
+    assert [(s.weight, s.pos_margin, s.neg_margin) for s in weight.values()] == [
+        (0.5, 0.9, 0.5)
+    ] * 2
+    margin = resolve_tcm("digits", LOSS_NAMES, pos_margin=0.8)
+    assert [(s.weight, s.pos_margin) for s in margin.values()] == [(3.0, 0.8), (1.0, 0.8)]
+    assert "as given (--pos-margin)" in tcm_paragraph("digits", margin)
+    everything = resolve_tcm("digits", LOSS_NAMES, 2.0, 0.8, 0.3)
+    assert describe_tcm(everything) == "m+ 0.8, m- 0.3, weight 2"
+
+
+def test_the_header_and_results_say_where_the_defaults_come_from():
+    digits = describe_tcm(resolve_tcm("digits", LOSS_NAMES))
+    assert digits == (
+        "m+ 0.9, m- 0.5, weight 3 for MultiSimilarity, 1 for ArcFace: chosen on validation "
+        "classes (docs/benchmarks/tcm_sweep.md)"
+    )
+    fashion = resolve_tcm("fashion-mnist", LOSS_NAMES)
+    assert "for ArcFace validation preferred no TCM: its TCM arm keeps the paper's weight 1" in (
+        describe_tcm(fashion)
+    )
+    paragraph = tcm_paragraph("fashion-mnist", fashion)
+    assert "- ArcFace: weight 1, m+ 0.9, m- 0.5: the paper's default; on validation" in paragraph
+    assert "docs/benchmarks/tcm_sweep.md" in paragraph
 
 
 def _one_error_line(capsys) -> str:

@@ -3,8 +3,8 @@
 Train a pml loss without and with TCM on the seen classes 0-4 of a data set, then measure
 R@1, MAP@R, OPIS and ε-OPIS on the unseen classes 5-9. One module per step:
 
-* :mod:`~pml_tcm.demo.settings`: the demo's defaults and the checks that run before
-  anything is trained;
+* :mod:`~pml_tcm.demo.settings`: the demo's defaults (the TCM setting of each data set and
+  loss chosen on validation classes) and the checks that run before anything is trained;
 * :mod:`~pml_tcm.demo.data`: the open-world splits (scikit-learn digits, Fashion-MNIST);
 * :mod:`~pml_tcm.demo.models`: the small trunk and embedder networks;
 * :mod:`~pml_tcm.demo.experiment`: one arm (loss, with or without TCM, seed) trained with a

@@ -18,6 +18,8 @@ from .settings import (
     QUICK_SAMPLES,
     DemoSettingsError,
     check_settings,
+    describe_tcm,
+    resolve_tcm,
 )
 
 WIDTH = 100  # the demo's printed lines wrap here
@@ -32,6 +34,13 @@ def run_demo(args: argparse.Namespace, device: str) -> int:
     """
     check_settings(args)
     circle = not args.no_circle
+    tcm = resolve_tcm(
+        args.dataset,
+        list(args.losses) + (["arcface"] if circle and "arcface" not in args.losses else []),
+        args.tcm_weight,
+        args.pos_margin,
+        args.neg_margin,
+    )
     _check_extras(args.dataset, figures=not args.train_only)
 
     import torch
@@ -67,9 +76,6 @@ def run_demo(args: argparse.Namespace, device: str) -> int:
         embedding_size=args.embedding_size,
         lr=args.lr,
         max_batches=max_batches,
-        pos_margin=args.pos_margin,
-        neg_margin=args.neg_margin,
-        tcm_weight=args.tcm_weight,
         tcm_miner=args.tcm_miner,
         far_range=tuple(args.far_range),
         device=device,
@@ -78,7 +84,7 @@ def run_demo(args: argparse.Namespace, device: str) -> int:
         make_accuracy_calculator(base)  # the OPIS settings, before any training
     except ValueError as error:
         raise DemoSettingsError(f"--far-range: {error}") from error
-    configs = benchmark_configs(base, args.losses, args.seeds, circle)
+    configs = benchmark_configs(base, args.losses, args.seeds, circle, tcm)
     losses = " and ".join(LOSS_TITLES[name] for name in args.losses)
     circle_text = ", then 2-D ArcFace for a figure" if circle else ""
     output_dir = "none (--train-only)" if args.train_only else f"{args.out}/"
@@ -87,6 +93,7 @@ def run_demo(args: argparse.Namespace, device: str) -> int:
         ("data", describe_split(split)),
         ("runs", f"{len(configs)}: {losses}, each without/with TCM{circle_text}"),
         ("settings", describe_settings(base, args.seeds)),
+        ("TCM", describe_tcm(tcm, args.tcm_miner)),
         ("output", output_dir),
     ):
         print(fill(f"  {name:<9} {text}", WIDTH, indent=" " * 12))
@@ -111,6 +118,7 @@ def run_demo(args: argparse.Namespace, device: str) -> int:
                 train_only=args.train_only,
                 progress=progress,
                 target_far=args.target_far,
+                tcm=tcm,
             )
     finally:
         torch.set_num_threads(threads_before)
