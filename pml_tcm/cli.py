@@ -1,24 +1,16 @@
-"""The ``pml-tcm`` command line: ``demo`` (open-world experiment) and ``report`` (OPIS of
-saved embeddings).
+"""The ``pml-tcm`` command line: ``demo`` (open-world experiment, :mod:`pml_tcm.demo`)
+and ``report`` (OPIS of saved embeddings).
 
-Bad input (missing data set, unreadable or malformed files) ends with one line on stderr
-and exit code 2; no traceback.
+Bad input (bad settings, missing data set, unreadable or malformed files) ends with one
+line on stderr and exit code 2; no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-
-from .data import DATASETS, DatasetError
-
-DEFAULT_EPOCHS = {"digits": 30, "fashion-mnist": 8}
-DEFAULT_THREADS = {"digits": 1}
-QUICK_SAMPLES = 500
-WIDTH = 100  # the demo's printed lines wrap here
 
 
 class InputError(Exception):
@@ -91,7 +83,7 @@ def version_text() -> str:
 
 
 def _add_demo(commands: argparse._SubParsersAction) -> None:
-    from .experiment import LOSS_NAMES
+    from .demo.settings import DATASETS, LOSS_NAMES, QUICK_SAMPLES, SWEEP_PAGE
 
     demo = commands.add_parser(
         "demo",
@@ -163,10 +155,14 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help=f"code-path check: 1 epoch of 2 batches, at most {QUICK_SAMPLES} train/eval samples",
     )
-    demo.add_argument("--pos-margin", type=float, default=0.9, help="TCM m+")
-    demo.add_argument("--neg-margin", type=float, default=0.5, help="TCM m-")
+    validated = f"(default: per data set and loss, chosen on validation classes: {SWEEP_PAGE})"
+    demo.add_argument("--pos-margin", type=float, default=None, help=f"TCM m+ {validated}")
+    demo.add_argument("--neg-margin", type=float, default=None, help=f"TCM m- {validated}")
     demo.add_argument(
-        "--tcm-weight", type=float, default=1.0, help="embedding_reg_weight: the weight of TCM"
+        "--tcm-weight",
+        type=float,
+        default=None,
+        help=f"embedding_reg_weight: the weight of TCM, positive {validated}",
     )
     demo.add_argument(
         "--tcm-miner", action="store_true", help="also use TCMMiner as the tuple miner"
@@ -271,95 +267,9 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    import torch
+    from .demo.command import run_demo
 
-    from .benchmark import (
-        arm_label,
-        benchmark_configs,
-        describe_settings,
-        describe_split,
-        run_benchmark,
-    )
-    from .data import load_split
-    from .experiment import LOSS_TITLES, ArmConfig, make_accuracy_calculator
-    from .progress import ArmProgress, quiet_pml
-    from .results_table import fill, table_key
-
-    _check_positive(args, ("batch_size", "embedding_size", "epochs", "max_batches", "threads"))
-    if not 0 < args.target_far <= 1:
-        raise InputError(f"--target-far must lie in (0, 1], got {args.target_far:g}")
-    split = load_split(args.dataset, args.data_dir)
-    epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[args.dataset]
-    max_batches = args.max_batches
-    if args.quick:
-        split = split.subsample(QUICK_SAMPLES, QUICK_SAMPLES)
-        epochs, max_batches = 1, 2 if max_batches is None else max_batches
-    base = ArmConfig(
-        epochs=epochs,
-        batch_size=args.batch_size,
-        embedding_size=args.embedding_size,
-        lr=args.lr,
-        max_batches=max_batches,
-        pos_margin=args.pos_margin,
-        neg_margin=args.neg_margin,
-        tcm_weight=args.tcm_weight,
-        tcm_miner=args.tcm_miner,
-        far_range=tuple(args.far_range),
-        device=_resolve_device(args.device),
-    )
-    make_accuracy_calculator(base)  # rejects bad OPIS settings before any training
-    configs = benchmark_configs(base, args.losses, args.seeds, not args.no_circle)
-    losses = " and ".join(LOSS_TITLES[name] for name in args.losses)
-    circle = "" if args.no_circle else ", then 2-D ArcFace for a figure"
-    output_dir = "none (--train-only)" if args.train_only else f"{args.out}/"
-    print("pml-tcm demo: does one similarity threshold hold on classes never seen in training?")
-    for name, text in (
-        ("data", describe_split(split)),
-        ("runs", f"{len(configs)}: {losses}, each without/with TCM{circle}"),
-        ("settings", describe_settings(base, args.seeds)),
-        ("output", output_dir),
-    ):
-        print(fill(f"  {name:<9} {text}", WIDTH, indent=" " * 12))
-    print(flush=True)
-    start = time.perf_counter()
-    threads_before = torch.get_num_threads()
-    threads = args.threads if args.threads is not None else DEFAULT_THREADS.get(args.dataset)
-    width = max(len(arm_label(config)) for config in configs)
-    progress = ArmProgress(len(configs), name_width=width)
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        with quiet_pml():
-            output = run_benchmark(
-                split,
-                base,
-                args.out,
-                args.losses,
-                args.seeds,
-                circle=not args.no_circle,
-                checkpoint_dir=args.checkpoint_dir,
-                train_only=args.train_only,
-                progress=progress,
-                target_far=args.target_far,
-            )
-    finally:
-        torch.set_num_threads(threads_before)
-    if not args.train_only:
-        seeds = len(args.seeds)
-        print()
-        print(f"Results on the unseen classes, {seeds} seed{'s' if seeds > 1 else ''} per arm:")
-        print(output.table)
-        print(fill(table_key(seeds == 1), WIDTH))
-        print()
-        print(output.reading)
-        print()
-        print(f"Files in {args.out}/:")
-        described = output.file_descriptions()
-        width = max(len(path.name) for path, _ in described)
-        for path, what in described:
-            print(f"  {path.name:<{width}}  {what}")
-    print(f"Done in {time.perf_counter() - start:.0f} s.")
-    return 0
+    return run_demo(args, device=_resolve_device(args.device))
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -389,13 +299,6 @@ def _resolve_device(choice: str) -> str:
     return choice
 
 
-def _check_positive(args: argparse.Namespace, names: Sequence[str]) -> None:
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``pml-tcm`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
 
@@ -408,6 +311,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return args.handler(args)
-    except (InputError, DatasetError, ValueError) as error:
+    except (InputError, ValueError) as error:
         print(f"pml-tcm {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -251,6 +251,21 @@ def test_demo_quick_on_digits_writes_table_and_figures(tmp_path, capsys):
     for name in ("utility_curves_multisimilarity", "utility_curves_arcface", "embedding_circle"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
         assert f"{name}.png" in printed and f"{name}.png" in markdown
+    # the TCM settings chosen on validation classes, said where they come from
+    header = " ".join(printed.split())
+    assert "weight 3 for MultiSimilarity, 1 for ArcFace: chosen on validation classes" in header
+    assert "docs/benchmarks/tcm_sweep.md" in header
+    assert "## TCM settings" in markdown and "- MultiSimilarity: weight 3, m+ 0.9" in markdown
+
+
+def test_demo_tcm_options_replace_the_validated_defaults(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["--quick", "--no-circle", "--losses", "multisimilarity", "--out", str(out)]
+    assert main(["demo", *args, "--tcm-weight", "0.5"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "TCM m+ 0.9, m- 0.5, weight 0.5: m+, m- chosen on validation classes" in printed
+    markdown = (out / "results.md").read_text()
+    assert "- MultiSimilarity: weight 0.5 as given (--tcm-weight); m+ 0.9, m- 0.5" in markdown
 
 
 def test_python_dash_m_entry_point():

@@ -41,6 +41,9 @@ def test_default_demo_output_is_short_and_says_what_happened(tmp_path):
     # header: what is trained, on what, where the outputs go
     assert lines[0].startswith("pml-tcm demo:")
     assert "digits" in text and "unseen 5-9" in text and f"{out}/" in text
+    # the TCM settings and where they come from
+    flat = " ".join(text.split())
+    assert "weight 3 for MultiSimilarity" in flat and "docs/benchmarks/tcm_sweep.md" in flat
     # one plain line per arm (not a terminal): 4 arms + 2 for the circle figure
     arm_lines = [line for line in lines if re.match(r"\[\d/6\] ", line)]
     assert [line[:5] for line in arm_lines] == [f"[{i}/6]" for i in range(1, 7)]

@@ -99,7 +99,7 @@ def _inside(inner, outer) -> bool:
 
 
 def test_comparison_panels_share_axes_and_nothing_is_clipped():
-    from pml_tcm.utility_figure import utility_caption, utility_comparison_figure
+    from pml_tcm.demo.utility_figure import utility_caption, utility_comparison_figure
 
     first, second = _result(0), _result(1, shift=0.4)
     thresholds = [float(r.calibration_range[1]) for r in (first, second)]
@@ -128,7 +128,7 @@ def test_comparison_panels_share_axes_and_nothing_is_clipped():
 
 
 def test_circle_panels_have_one_size_and_limits_and_the_legend_is_outside():
-    from pml_tcm.embedding_circle import embedding_circle_figure
+    from pml_tcm.demo.embedding_circle import embedding_circle_figure
 
     rng = np.random.RandomState(0)
     labels = np.repeat(np.arange(5, 10), 20)

@@ -21,6 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from .extras import import_optional
+from .settings import DATASETS, SEEN_CLASSES, UNSEEN_CLASSES
+
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -40,9 +43,6 @@ FASHION_MNIST_CLASS_NAMES = (
     "Bag",
     "Ankle boot",
 )
-DATASETS = ("digits", "fashion-mnist")
-SEEN_CLASSES = (0, 1, 2, 3, 4)
-UNSEEN_CLASSES = (5, 6, 7, 8, 9)
 
 # IDX type codes (third byte of the magic number) -> numpy big-endian dtype.
 _IDX_DTYPES = {
@@ -206,10 +206,12 @@ def digits_split() -> OpenWorldSplit:
     """scikit-learn digits open-world split: digits 0-4 for training, 5-9 for evaluation.
 
     Inputs are the 64 pixel values as float32 in [0, 1].
-    """
-    from sklearn.datasets import load_digits
 
-    digits = load_digits()
+    Raises:
+        ImportError: scikit-learn is not installed (the ``examples`` extra).
+    """
+    datasets = import_optional("sklearn.datasets", "the digits data set")
+    digits = datasets.load_digits()
     x = (digits.data / 16.0).astype(np.float32)
     y = digits.target.astype(np.int64)
     seen = np.isin(y, SEEN_CLASSES)

@@ -10,7 +10,7 @@ from pytorch_metric_learning import losses, trainers
 from pytorch_metric_learning.testers import base_tester
 from pytorch_metric_learning.trainers import base_trainer
 
-from pml_tcm.progress import ArmProgress, quiet_pml
+from pml_tcm.demo.progress import ArmProgress, quiet_pml
 
 
 class _Terminal(io.StringIO):

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .experiment import LOSS_TITLES, METRICS, ArmResult
+from ..embedding_report import REPORT_METRICS
+from .experiment import ArmResult
+from .settings import LOSS_TITLES
 
 METRIC_HEADERS = {
     "precision_at_1": "R@1 (%) ↑",
@@ -57,7 +59,7 @@ def metric_values(results: Sequence[ArmResult], loss: str, tcm: bool) -> dict[st
         (r for r in results if r.config.loss == loss and r.config.tcm == tcm),
         key=lambda r: r.config.seed,
     )
-    return {m: np.array([r.metrics[m] for r in arm], dtype=np.float64) for m in METRICS}
+    return {m: np.array([r.metrics[m] for r in arm], dtype=np.float64) for m in REPORT_METRICS}
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class TCMEffect:
 
     Attributes:
         loss: the base loss name.
-        metric: one of :data:`pml_tcm.experiment.METRICS`.
+        metric: one of :data:`pml_tcm.embedding_report.REPORT_METRICS`.
         baseline: ``(n,)`` values without TCM, one per seed.
         with_tcm: ``(n,)`` values with TCM.
     """
@@ -119,7 +121,7 @@ class TCMEffect:
 def tcm_effects(results: Sequence[ArmResult], loss: str) -> dict[str, TCMEffect]:
     """TCM's effect on every metric of one base loss."""
     baseline, with_tcm = metric_values(results, loss, False), metric_values(results, loss, True)
-    return {m: TCMEffect(loss, m, baseline[m], with_tcm[m]) for m in METRICS}
+    return {m: TCMEffect(loss, m, baseline[m], with_tcm[m]) for m in REPORT_METRICS}
 
 
 def tcm_change(metric: str, baseline: np.ndarray, with_tcm: np.ndarray) -> str:
@@ -136,14 +138,14 @@ def markdown_table(results: Sequence[ArmResult]) -> str:
     ε-OPIS, followed by ``worse`` where TCM moved the metric the wrong way (lower OPIS
     is better, higher R@1 and MAP@R are).
     """
-    rows = [["Loss", "TCM", "n"] + [METRIC_HEADERS[m] for m in METRICS]]
+    rows = [["Loss", "TCM", "n"] + [METRIC_HEADERS[m] for m in REPORT_METRICS]]
     for loss in dict.fromkeys(r.config.loss for r in results):
         title = LOSS_TITLES.get(loss, loss)
         for tcm in (False, True):
             values = metric_values(results, loss, tcm)
-            seeds = len(values[METRICS[0]])
+            seeds = len(values[REPORT_METRICS[0]])
             if seeds:
-                cells = [_mean_std(values[m], _SCALE[m]) for m in METRICS]
+                cells = [_mean_std(values[m], _SCALE[m]) for m in REPORT_METRICS]
                 rows.append([title, "yes" if tcm else "no", str(seeds), *cells])
         effects = tcm_effects(results, loss).values()
         changes = [e.change_text() + (f" {WORSE}" if e.worse else "") for e in effects]

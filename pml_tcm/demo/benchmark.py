@@ -2,28 +2,34 @@
 
 Used by ``pml-tcm demo`` and ``examples/open_world.py``. Writes into ``out``:
 
-* ``results.md``: the settings, the Markdown table of
-  :func:`pml_tcm.results_table.markdown_table` and its plain-language reading;
+* ``results.md``: the settings (the TCM setting of each loss and where it comes from),
+  the Markdown table of :func:`pml_tcm.demo.results_table.markdown_table` and its
+  plain-language reading;
 * ``utility_curves_<loss>.png``: per-class utility vs threshold on the unseen classes,
   baseline beside +TCM (first seed), the threshold calibrated for ``target_far`` marked;
 * ``embedding_circle.png``: ArcFace with a 2-D embedding, unseen classes on the unit
   circle, baseline beside +TCM (when ``circle``).
+
+Each file is written under a temporary name and renamed when complete: a failure never
+leaves a half-written file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from .calibration import calibrate_threshold
+from ..calibration import calibrate_threshold
 from .data import OpenWorldSplit
 from .embedding_circle import embedding_circle_figure
-from .experiment import LOSS_TITLES, ArmConfig, ArmResult, arm_configs, run_arm
+from .experiment import ArmConfig, ArmResult, arm_configs, run_arm
 from .progress import ArmProgress
 from .results_table import TABLE_LEGEND, markdown_table, plain_reading
+from .settings import LOSS_TITLES, TCMSetting, describe_tcm, tcm_paragraph
 from .utility_figure import utility_caption, utility_comparison_figure
 
 DATASET_TITLES = {"digits": "scikit-learn digits (8x8)", "fashion-mnist": "Fashion-MNIST"}
@@ -73,30 +79,48 @@ def describe_split(split: OpenWorldSplit) -> str:
 
 
 def describe_settings(base: ArmConfig, seeds: Sequence[int]) -> str:
-    """One line: training length, model size, TCM's settings, OPIS range, seeds, device."""
+    """One line: training length, model size, OPIS range, seeds, device (TCM's settings:
+    :func:`pml_tcm.demo.settings.describe_tcm`)."""
     batches = "" if base.max_batches is None else f"at most {base.max_batches} "
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {' '.join(map(str, seeds))}"
     return (
         f"{base.epochs} epoch{'s' if base.epochs != 1 else ''} of {batches}batches of "
-        f"{base.batch_size}, {base.embedding_size}-D embedding, Adam {base.lr:g}; TCM m+ "
-        f"{base.pos_margin:g}, m- {base.neg_margin:g}, weight {base.tcm_weight:g}"
-        f"{', TCMMiner' if base.tcm_miner else ''}; OPIS over FAR {base.far_range[0]:g} to "
-        f"{base.far_range[1]:g}; {seed_text}; {base.device}"
+        f"{base.batch_size}, {base.embedding_size}-D embedding, Adam {base.lr:g}; OPIS over "
+        f"FAR {base.far_range[0]:g} to {base.far_range[1]:g}; {seed_text}; {base.device}"
     )
 
 
 def benchmark_configs(
-    base: ArmConfig, loss_names: Sequence[str], seeds: Sequence[int], circle: bool = True
+    base: ArmConfig,
+    loss_names: Sequence[str],
+    seeds: Sequence[int],
+    circle: bool = True,
+    tcm: Mapping[str, TCMSetting] | None = None,
 ) -> list[ArmConfig]:
     """The arms :func:`run_benchmark` runs, in order: every (loss, seed, without/with
-    TCM), then 2-D ArcFace without and with TCM on the first seed when ``circle``."""
+    TCM), then 2-D ArcFace without and with TCM on the first seed when ``circle``.
+
+    ``tcm`` gives a loss its own TCM weight and margins (default: ``base``'s)."""
     configs = arm_configs(base, loss_names, seeds)
     if circle:
         configs += [
-            replace(base, loss="arcface", tcm=tcm, seed=seeds[0], embedding_size=2)
-            for tcm in (False, True)
+            replace(base, loss="arcface", tcm=with_tcm, seed=seeds[0], embedding_size=2)
+            for with_tcm in (False, True)
         ]
+    if tcm is not None:
+        configs = [_with_setting(config, tcm.get(config.loss)) for config in configs]
     return configs
+
+
+def _with_setting(config: ArmConfig, setting: TCMSetting | None) -> ArmConfig:
+    if setting is None:
+        return config
+    return replace(
+        config,
+        tcm_weight=setting.weight,
+        pos_margin=setting.pos_margin,
+        neg_margin=setting.neg_margin,
+    )
 
 
 def arm_label(config: ArmConfig) -> str:
@@ -115,6 +139,7 @@ def run_benchmark(
     train_only: bool = False,
     progress: ArmProgress | None = None,
     target_far: float = 1e-3,
+    tcm: Mapping[str, TCMSetting] | None = None,
 ) -> BenchmarkOutput:
     """Run every arm, then write the table, its reading and the figures into ``out``.
 
@@ -122,20 +147,22 @@ def run_benchmark(
         split: the data.
         base: settings shared by the arms (epochs, batch size, TCM margins...).
         out: output folder (created).
-        loss_names: base losses (see :data:`pml_tcm.experiment.LOSS_NAMES`).
+        loss_names: base losses (see :data:`pml_tcm.demo.settings.LOSS_NAMES`).
         seeds: seeds, one run per (loss, without/with TCM, seed).
         circle: also train 2-D ArcFace (first seed, without/with TCM) for the circle
             figure.
         checkpoint_dir: keep/reuse trained weights there (see
-            :func:`pml_tcm.experiment.run_arm`).
+            :func:`pml_tcm.demo.experiment.run_arm`).
         train_only: train (and checkpoint) every arm, evaluate nothing, write nothing.
-        progress: shows one line per arm (see :class:`pml_tcm.progress.ArmProgress`);
+        progress: shows one line per arm (see :class:`pml_tcm.demo.progress.ArmProgress`);
             ``None`` shows nothing.
         target_far: the utility figures mark the global threshold calibrated for this
             FAR on the unseen classes (:func:`pml_tcm.calibrate_threshold`).
+        tcm: each loss's TCM setting (:func:`pml_tcm.demo.settings.resolve_tcm`), said
+            in ``results.md``; default: ``base``'s for every loss.
     """
     out = Path(out)
-    configs = benchmark_configs(base, loss_names, seeds, circle)
+    configs = benchmark_configs(base, loss_names, seeds, circle, tcm)
     results, circle_results = [], []
     for config in configs:
         if progress is not None:
@@ -171,7 +198,7 @@ def run_benchmark(
             caption=utility_caption(base.far_range, target_far),
         )
         files.append(out / f"utility_curves_{loss_name}.png")
-        figure.savefig(files[-1], dpi=120)
+        _write_whole(files[-1], lambda path, figure=figure: figure.savefig(path, dpi=120))
     if circle_results:
         panels = [
             (
@@ -184,10 +211,28 @@ def run_benchmark(
         ]
         figure = embedding_circle_figure(panels, split.class_names)
         files.append(out / "embedding_circle.png")
-        figure.savefig(files[-1], dpi=120)
+        _write_whole(files[-1], lambda path: figure.savefig(path, dpi=120))
     output = BenchmarkOutput(results + circle_results, table, files, reading)
-    files[0].write_text(_results_markdown(split, base, seeds, output, target_far))
+    if tcm is None:
+        tcm = {name: _setting_of(base) for name in loss_names}
+    markdown = _results_markdown(split, base, seeds, output, target_far, tcm)
+    _write_whole(files[0], lambda path: path.write_text(markdown))
     return output
+
+
+def _setting_of(config: ArmConfig) -> TCMSetting:
+    given = frozenset({"weight", "pos_margin", "neg_margin"})
+    return TCMSetting(config.tcm_weight, config.pos_margin, config.neg_margin, given)
+
+
+def _write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(partial)`` to a temporary name beside ``path``, then rename it to ``path``."""
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _results_markdown(
@@ -196,6 +241,7 @@ def _results_markdown(
     seeds: Sequence[int],
     output: BenchmarkOutput,
     target_far: float,
+    tcm: Mapping[str, TCMSetting],
 ) -> str:
     lines = [
         f"# Open-world results: {split.name}",
@@ -204,6 +250,8 @@ def _results_markdown(
         "",
         "Settings: " + describe_settings(base, seeds) + ".",
         "",
+        "TCM: " + describe_tcm(tcm, base.tcm_miner) + ".",
+        "",
         output.table,
         "",
         TABLE_LEGEND,
@@ -211,6 +259,10 @@ def _results_markdown(
         "## Reading",
         "",
         output.reading,
+        "",
+        "## TCM settings",
+        "",
+        tcm_paragraph(split.name, tcm),
         "",
         "## Files",
         "",

@@ -29,16 +29,14 @@ import torch
 from pytorch_metric_learning import losses, samplers, testers, trainers
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from .accuracy import OPISAccuracyCalculator
+from ..accuracy import OPISAccuracyCalculator
+from ..embedding_report import REPORT_METRICS
+from ..functional.opis import OPISResult
+from ..miner import TCMMiner
+from ..wrapping import with_tcm
 from .data import OpenWorldSplit
-from .functional.opis import OPISResult
-from .miner import TCMMiner
 from .models import make_embedder, make_trunk
-from .wrapping import with_tcm
-
-LOSS_NAMES = ("multisimilarity", "arcface")
-LOSS_TITLES = {"multisimilarity": "MultiSimilarity", "arcface": "ArcFace"}
-METRICS = ("precision_at_1", "mean_average_precision_at_r", "opis", "eps_opis")
+from .settings import LOSS_NAMES, LOSS_TITLES
 
 
 @dataclass(frozen=True)
@@ -211,10 +209,11 @@ def build_trainer(
 
 
 def make_accuracy_calculator(config: ArmConfig) -> OPISAccuracyCalculator:
-    """:class:`pml_tcm.OPISAccuracyCalculator` computing :data:`METRICS`."""
+    """:class:`pml_tcm.OPISAccuracyCalculator` computing the metrics of ``pml-tcm report``
+    (:data:`pml_tcm.embedding_report.REPORT_METRICS`)."""
     return OPISAccuracyCalculator(
         far_range=config.far_range,
-        include=METRICS,
+        include=REPORT_METRICS,
         k="max_bin_count",
         device=torch.device(config.device),  # pml's default would be CUDA whenever present
     )
@@ -226,7 +225,7 @@ def evaluate(
     """Test on the unseen classes with ``GlobalEmbeddingSpaceTester`` (query = reference).
 
     Returns:
-        ``(metrics, embeddings, labels, opis_result)``: :data:`METRICS`, the normalised
+        ``(metrics, embeddings, labels, opis_result)``: the report's metrics, the normalised
         evaluation embeddings with their labels, and the OPIS result with its curves.
     """
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -246,7 +245,7 @@ def evaluate(
     accuracies = tester.test(
         {"unseen": split.eval_dataset()}, config.epochs, models["trunk"], models["embedder"]
     )["unseen"]
-    metrics = {name: float(accuracies[f"{name}_level0"]) for name in METRICS}
+    metrics = {name: float(accuracies[f"{name}_level0"]) for name in REPORT_METRICS}
     embeddings, labels = captured["unseen"]
     return metrics, embeddings.cpu().numpy(), labels[:, 0].cpu().numpy(), calculator.last_result
 

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .extras import import_optional
+
 RING_STEP = 0.08
 CAPTION = (
     "Unseen classes of a 2-D ArcFace embedding: each point sits at its embedding's angle; "
@@ -36,9 +38,10 @@ def embedding_circle_figure(
 
     Raises:
         ValueError: an embedding is not 2-D.
+        ImportError: matplotlib is not installed (the ``examples`` extra).
     """
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
+    colormaps = import_optional("matplotlib", "the circle figure").colormaps
+    Figure = import_optional("matplotlib.figure", "the circle figure").Figure
 
     all_labels = np.unique(np.concatenate([np.asarray(labels) for _, _, labels in panels]))
     rings = {int(label): 1.0 + RING_STEP * ring for ring, label in enumerate(all_labels)}

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pml_tcm.data import (
+from pml_tcm.demo.data import (
     FASHION_MNIST_FILES,
     DatasetError,
     digits_split,

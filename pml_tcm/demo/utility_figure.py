@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from .functional.opis import OPISResult
-from .plotting import plot_utility_curves, utility_range
+from ..functional.opis import OPISResult
+from ..plotting import plot_utility_curves, utility_range
+from .extras import import_optional
 
 CAPTION = (
     "Per-class utility (F1) vs similarity threshold on the unseen classes, over each "
@@ -52,9 +53,11 @@ def utility_comparison_figure(
 
     Returns:
         A matplotlib ``Figure``.
-    """
-    from matplotlib.figure import Figure
 
+    Raises:
+        ImportError: matplotlib is not installed (the ``examples`` extra).
+    """
+    Figure = import_optional("matplotlib.figure", "the utility figure").Figure
     if thresholds is not None and len(thresholds) != len(panels):
         raise ValueError(f"got {len(thresholds)} thresholds for {len(panels)} panels")
     figure = Figure(figsize=(5.2 * len(panels) + 1.6, 4.6), layout="constrained")
