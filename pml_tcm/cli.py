@@ -11,15 +11,23 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 
 class InputError(Exception):
     """Bad user input; the message is the one line the user sees."""
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse prints the whole usage before an error; pml-tcm prints one line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with its ``demo`` and ``report`` subcommands."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="pml-tcm",
         description="Threshold-Consistent Margin (TCM) and OPIS for pytorch-metric-learning.",
         epilog=(

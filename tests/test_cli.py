@@ -328,3 +328,22 @@ def test_every_option_has_help_with_its_default_and_examples(command):
         assert "default" in block, f"{command} {option}: no default in {block!r}"
         assert "None" not in block and "[" not in block.split("default", 1)[1], block
     assert f"examples:\n  pml-tcm {command}" in help_text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--epochs", "2.5"],
+        ["demo", "--tcm-weight", "abc"],
+        ["report", "x.npy"],
+        ["report", "x.npy", "y.npy", "--far-range", "0.1"],
+        ["bogus"],
+    ],
+)
+def test_argument_errors_are_one_line_and_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("pml-tcm") and "error:" in err
