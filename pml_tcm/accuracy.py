@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import numpy as np
 import torch
 from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity
-from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+from pytorch_metric_learning.utils.accuracy_calculator import EQUALITY, AccuracyCalculator
 from torch import Tensor
 
 from ._sharding import check_shard_queries, query_shard, score_function
 from .functional import validation
+from .functional.labels import dense_class_ids
 from .functional.opis import OPISResult, opis
 
 OPIS_METRICS = ("opis", "eps_opis", "neg_opis", "neg_eps_opis")
+# pml casts labels to float32, which holds every integer up to 2^24 exactly.
+MAX_FLOAT32_CLASSES = 2**24
 
 
 class OPISAccuracyCalculator(AccuracyCalculator):
@@ -32,6 +37,16 @@ class OPISAccuracyCalculator(AccuracyCalculator):
     With ``return_per_class=True``, ``"opis"`` is the list of ``⟨U_c⟩`` per distinct query
     label (ascending label order, like pml's per-class lists); ``"eps_opis"`` stays a
     float (it is not a per-class quantity).
+
+    Labels of any size: ``get_accuracy`` maps the labels to dense class ids before pml
+    sees them (pml compares labels as float32, where integers from 2^24 on collide), so
+    every metric is exact for int8…int64 (any magnitude, negative too), unsigned, bool
+    and float labels; :attr:`last_result` ``.classes`` holds the labels as given.
+
+    A custom ``label_comparison_fn`` works as in pml; OPIS needs classes (equality), so
+    the OPIS metrics (``"opis"``, ``"eps_opis"``, ``"neg_opis"``, ``"neg_eps_opis"``) are
+    then left out of the default metrics, and asking for one in ``include`` raises a
+    ``ValueError``.
 
     Args:
         calibration_range: explicit ``(t_lo, t_hi)`` in the distance's units, or ``None``
@@ -54,7 +69,7 @@ class OPISAccuracyCalculator(AccuracyCalculator):
 
     Raises:
         ValueError: an invalid setting, a custom ``label_comparison_fn`` with the OPIS
-            metrics, or (in ``get_accuracy``) bad embeddings or labels.
+            metrics in ``include``, or (in ``get_accuracy``) bad embeddings or labels.
     """
 
     def __init__(
@@ -85,25 +100,53 @@ class OPISAccuracyCalculator(AccuracyCalculator):
         self.chunk_size = chunk_size
         self.shard_queries = shard_queries
         self.last_result: OPISResult | None = None
+        self._label_values: Tensor | None = None
         super().__init__(**kwargs)
-        if kwargs.get("label_comparison_fn") and self._opis_requested():
-            raise ValueError(
-                "label_comparison_fn: OPIS needs plain label equality; exclude 'opis' and "
-                "'eps_opis' to use a custom comparison"
-            )
+        if self.label_comparison_fn is not EQUALITY:
+            # Labels compared by a custom function need not be classes: OPIS (which needs
+            # classes) is an error only when asked for by name, and otherwise left out of
+            # the default metrics, so that everything pml accepts keeps working.
+            _refuse_opis_with_custom_comparison(kwargs.get("include", ()))
+            for name in OPIS_METRICS:
+                self.original_function_dict.pop(name, None)
+            self.curr_function_dict = self.get_function_dict()
 
-    def _opis_requested(self) -> bool:
-        return any(m in self.get_curr_metrics() for m in OPIS_METRICS)
+    def get_accuracy(
+        self,
+        query: Any,
+        query_labels: Any,
+        reference: Any = None,
+        reference_labels: Any = None,
+        ref_includes_query: bool = False,
+        include: tuple[str, ...] | list[str] = (),
+        exclude: tuple[str, ...] | list[str] = (),
+    ) -> dict:
+        """pml's ``get_accuracy``, with the labels mapped to dense class ids first.
 
-    def get_accuracy(self, query: Any, query_labels: Any, *args: Any, **kwargs: Any) -> dict:
-        """pml's ``get_accuracy``; NaN/Inf embeddings are rejected first, naming the set."""
-        reference = args[0] if args else kwargs.get("reference")
+        With pml's default label comparison (equality), query and reference labels are
+        replaced by their rank among the distinct labels of both sets before pml sees
+        them: pml compares labels as float32, where integers from 2^24 on collide, and
+        every metric (pml's and OPIS) then gives the values of the dense ids. Labels may
+        be any integer, unsigned, bool or float dtype (``(N,)``, or ``(N, K)`` rows),
+        tensors or NumPy arrays. With a custom ``label_comparison_fn`` the labels are
+        passed on unchanged, as pml does. NaN/Inf embeddings are rejected first, naming
+        the set.
+        """
+        if self.label_comparison_fn is not EQUALITY:
+            _refuse_opis_with_custom_comparison(include)
         for name, embeddings in (("query", query), ("reference", reference)):
             if embeddings is not None and not bool(
                 torch.isfinite(torch.as_tensor(embeddings)).all()
             ):
                 raise ValueError(f"{name} contains NaN or Inf")
-        return super().get_accuracy(query, query_labels, *args, **kwargs)
+        self._label_values = None
+        if self.label_comparison_fn is EQUALITY:
+            query_labels, reference_labels, self._label_values = _dense_labels(
+                query, query_labels, reference, reference_labels
+            )
+        return super().get_accuracy(
+            query, query_labels, reference, reference_labels, ref_includes_query, include, exclude
+        )
 
     def _get_accuracy(self, function_dict: dict, **kwargs: Any) -> dict:
         self.last_result = None
@@ -123,7 +166,7 @@ class OPISAccuracyCalculator(AccuracyCalculator):
         reference_labels = _integer_labels(reference_labels, "reference_labels")
         start, end, distributed = query_shard(query.shape[0], self.shard_queries)
         with torch.no_grad():
-            self.last_result = opis(
+            result = opis(
                 query[start:end],
                 query_labels[start:end],
                 reference,
@@ -140,7 +183,10 @@ class OPISAccuracyCalculator(AccuracyCalculator):
                 chunk_size=self.chunk_size,
                 distributed=distributed,
             )
-        return self.last_result
+        if self._label_values is not None:  # the classes as the caller labelled them
+            result = dataclasses.replace(result, classes=self._label_values[result.classes])
+        self.last_result = result
+        return result
 
     def calculate_opis(
         self,
@@ -203,6 +249,45 @@ class OPISAccuracyCalculator(AccuracyCalculator):
             query, query_labels, reference, reference_labels, ref_includes_query
         )
         return -result.eps_opis
+
+
+def _refuse_opis_with_custom_comparison(include: Any) -> None:
+    requested = [name for name in OPIS_METRICS if name in tuple(include)]
+    if requested:
+        raise ValueError(
+            f"label_comparison_fn: {' and '.join(requested)} need(s) labels compared by "
+            "equality (classes); leave them out of include to use a custom comparison"
+        )
+
+
+def _dense_labels(
+    query: Any, query_labels: Any, reference: Any, reference_labels: Any
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Query and reference labels as dense int64 ids, and the label of each id."""
+    sets, names = [_label_tensor(query_labels, "query_labels")], ["query_labels"]
+    if reference is not None and reference_labels is not None:
+        sets.append(_label_tensor(reference_labels, "reference_labels"))
+        names.append("reference_labels")
+    ids, classes = dense_class_ids(sets, names)
+    if len(classes) > MAX_FLOAT32_CLASSES:
+        raise ValueError(
+            f"query_labels/reference_labels: {len(classes)} distinct labels; pml compares "
+            f"class ids as float32, exact only up to {MAX_FLOAT32_CLASSES} classes"
+        )
+    return ids[0], (ids[1] if len(ids) > 1 else reference_labels), classes.cpu()
+
+
+def _label_tensor(labels: Any, name: str) -> Tensor:
+    if isinstance(labels, np.ndarray):
+        try:
+            return torch.from_numpy(labels)
+        except TypeError as error:
+            raise ValueError(f"{name} must hold numbers, got dtype {labels.dtype}") from error
+    if not isinstance(labels, Tensor):
+        raise ValueError(
+            f"{name} must be a torch.Tensor or a NumPy array, got {type(labels).__name__}"
+        )
+    return labels
 
 
 def _integer_labels(labels: Tensor, name: str) -> Tensor:

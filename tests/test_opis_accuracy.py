@@ -171,7 +171,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="reference"):
         calc.get_accuracy(x, y, bad, y)
     with pytest.raises(ValueError, match="query_labels"):
-        calc.get_accuracy(x, y + 0.5)
+        calc.get_accuracy(x, torch.where(y == 1, float("nan"), y + 0.5))
     with pytest.raises(ValueError):
         calc.get_accuracy(x, y[:-1])
     with pytest.raises(ValueError, match="shard_queries"):

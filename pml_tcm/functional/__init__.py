@@ -1,5 +1,6 @@
 """Pure tensor math of pml-tcm; imports nothing from pytorch-metric-learning."""
 
+from .labels import dense_class_ids
 from .opis import (
     OPISResult,
     OPISState,
@@ -16,6 +17,7 @@ __all__ = [
     "OPISResult",
     "OPISState",
     "cosine_similarity_scores",
+    "dense_class_ids",
     "opis",
     "opis_compute",
     "opis_update",
