@@ -12,6 +12,7 @@ from torch import Tensor
 from ._sharding import check_shard_queries, query_shard, score_function
 from .functional import validation
 from .functional.calibration import calibrate_closeness_threshold
+from .functional.labels import dense_class_ids
 
 PERCENTILES = (5, 25, 50, 75, 95)
 
@@ -30,7 +31,7 @@ class CalibrationReport:
         target: ``("far", value)`` or ``("frr", value)``.
         far: pooled false accept rate at the threshold.
         frr: pooled false reject rate.
-        classes: ``(C,)`` the distinct query labels.
+        classes: ``(C,)`` the distinct query labels, ascending, as given (any dtype).
         class_far: ``(C,)`` float64 per-class FAR.
         class_frr: ``(C,)`` float64 per-class FRR.
         has_negatives: ``(C,)`` bool.
@@ -54,9 +55,9 @@ class CalibrationReport:
     class_frr: Tensor
     has_negatives: Tensor
     has_positives: Tensor
-    worst_far_class: int | None
+    worst_far_class: int | float | None
     worst_far: float
-    worst_frr_class: int | None
+    worst_frr_class: int | float | None
     worst_frr: float
     far_spread: float
     frr_spread: float
@@ -95,11 +96,27 @@ def _rate_summary(rates: Tensor, valid: Tensor, classes: Tensor):
     worst = int(values.argmax())
     quantiles = torch.quantile(values, torch.tensor(PERCENTILES, dtype=torch.float64) / 100)
     return (
-        int(classes[valid][worst]),
+        classes[valid][worst].item(),
         float(values[worst]),
         float(values.max() - values.min()),
         {p: float(q) for p, q in zip(PERCENTILES, quantiles)},
     )
+
+
+def _dense_labels(
+    labels: Tensor, reference_labels: Tensor | None
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Labels (and reference labels) as shared dense int64 class ids, and the label of
+    each id (on the CPU): integer labels from 2^24 on or float labels stay distinct."""
+    sets = [(labels, "labels")]
+    if reference_labels is not None:
+        sets.append((reference_labels, "reference_labels"))
+    for values, name in sets:
+        if isinstance(values, Tensor) and values.ndim != 1:
+            raise ValueError(f"{name} must be 1-D (num_samples,), got shape {tuple(values.shape)}")
+    ids, label_values = dense_class_ids([v for v, _ in sets], [n for _, n in sets])
+    ids = [i.to(v.device) for i, (v, _) in zip(ids, sets)]
+    return ids[0], (ids[1] if len(ids) > 1 else None), label_values.cpu()
 
 
 def calibrate_threshold(
@@ -126,9 +143,11 @@ def calibrate_threshold(
 
     Args:
         embeddings: ``(N, D)`` float queries.
-        labels: ``(N,)`` integer labels.
+        labels: ``(N,)`` class labels: any integer dtype (any magnitude), bool, or float
+            (compared by value; NaN is refused).
         reference: ``(M, D)`` references, or ``None`` for the embeddings themselves.
-        reference_labels: ``(M,)`` labels of ``reference``.
+        reference_labels: ``(M,)`` labels of ``reference``, compared with ``labels`` by
+            value.
         target_far: FAR in (0, 1]; give exactly one of ``target_far``/``target_frr``.
         target_frr: FRR in [0, 1).
         ref_includes_query: the reference starts with the embeddings (pml convention).
@@ -158,14 +177,15 @@ def calibrate_threshold(
     distance = CosineSimilarity() if distance is None else distance
     if not isinstance(distance, BaseDistance):
         raise ValueError(f"distance must be a pml distance, got {type(distance).__name__}")
+    if reference is None and reference_labels is not None:
+        raise ValueError("reference_labels was given without reference")
+    if reference is not None and reference_labels is None:
+        raise ValueError("reference_labels is required with reference")
+    labels, reference_labels, label_values = _dense_labels(labels, reference_labels)
     validation.check_evaluation_set(embeddings, labels, "embeddings", "labels")
     if reference is None:
-        if reference_labels is not None:
-            raise ValueError("reference_labels was given without reference")
         reference, reference_labels, ref_includes_query = embeddings, labels, True
     else:
-        if reference_labels is None:
-            raise ValueError("reference_labels is required with reference")
         validation.check_evaluation_set(
             reference, reference_labels, "reference", "reference_labels"
         )
@@ -194,7 +214,7 @@ def calibrate_threshold(
     class_frr = false_rejects.double() / positives.clamp(min=1)
     far = float(false_accepts.sum()) / max(1, int(negatives.sum()))
     frr = float(false_rejects.sum()) / max(1, int(positives.sum()))
-    classes = classes.cpu()
+    classes = label_values[classes.cpu()]
     worst_far_class, worst_far, far_spread, far_pct = _rate_summary(
         class_far, has_negatives, classes
     )

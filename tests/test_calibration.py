@@ -130,3 +130,46 @@ def test_bad_inputs():
         calibrate_threshold(x, torch.zeros_like(y), target_far=0.1)  # no negative pair
     with pytest.raises(ValueError, match="target_frr"):
         calibrate_threshold(x[:5], torch.arange(5), target_frr=0.1)  # no positive pair
+
+
+@pytest.mark.parametrize(
+    "to_labels",
+    [
+        lambda y: y + 2**62,  # consecutive: one value as float32
+        lambda y: (y - 2**61).to(torch.int64),
+        lambda y: (y * 7 - 20).to(torch.int8),
+        lambda y: y.double() * 0.5 - 1.3,  # non-integral
+        lambda y: (y % 2).bool(),
+    ],
+)
+def test_labels_of_any_size_and_dtype(to_labels):
+    x, y = problem(2)
+    labels = to_labels(y)
+    queries, query_labels, reference, reference_labels = x[:60], labels[:60], x[60:], labels[60:]
+    report = calibrate_threshold(
+        queries, query_labels, reference, reference_labels, target_far=0.05
+    )
+    close, pos, neg = naive_pairs(
+        CosineSimilarity(), queries, query_labels, reference, reference_labels, False, 4096
+    )
+    negatives = np.sort(close[neg])[::-1]
+    assert report.threshold == negatives[max(1, math.ceil(0.05 * negatives.size)) - 1]
+    far, frr = naive_rates(close, pos, neg, query_labels, report.threshold)
+    assert report.classes.tolist() == sorted(far)  # the labels as given, ascending
+    for i, c in enumerate(report.classes.tolist()):
+        assert float(report.class_far[i]) == pytest.approx(far[c], abs=1e-12)
+        assert float(report.class_frr[i]) == pytest.approx(frr[c], abs=1e-12)
+    assert report.worst_far_class == max(far, key=lambda c: far[c])
+    assert str(report.worst_far_class) in report.summary()
+
+
+def test_nan_and_two_dimensional_labels_are_refused():
+    x, y = problem()
+    nan = y.double()
+    nan[4] = float("nan")
+    with pytest.raises(ValueError, match="labels.*NaN"):
+        calibrate_threshold(x, nan, target_far=0.1)
+    with pytest.raises(ValueError, match="reference_labels.*NaN"):
+        calibrate_threshold(x, y, x, nan, target_far=0.1)
+    with pytest.raises(ValueError, match="labels must be 1-D"):
+        calibrate_threshold(x, torch.stack([y, y], dim=1), target_far=0.1)
