@@ -237,7 +237,9 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     report.add_argument("embeddings", type=Path, help="(N, D) float array, .npy")
-    report.add_argument("labels", type=Path, help="(N,) integer array, .npy")
+    report.add_argument(
+        "labels", type=Path, help="(N,) class labels (integers of any size, bools or floats), .npy"
+    )
     report.add_argument(
         "--reference",
         type=Path,

@@ -46,12 +46,12 @@ class EmbeddingReport:
     num_queries: int
     num_references: int
 
-    def worst_classes(self, count: int) -> list[tuple[int, float, float, float]]:
+    def worst_classes(self, count: int) -> list[tuple[int | float, float, float, float]]:
         """``(label, mean utility, FAR, FRR)`` of the ``count`` classes with the lowest
         mean utility ``⟨U_c⟩`` over the calibration range."""
         result, calibration = self.opis_result, self.calibration
         rates = {
-            int(label): (float(far), float(frr))
+            label: (float(far), float(frr))
             for label, far, frr in zip(
                 calibration.classes.tolist(), calibration.class_far, calibration.class_frr
             )
@@ -59,7 +59,7 @@ class EmbeddingReport:
         order = torch.argsort(result.mean_class_utility, stable=True)[:count]
         rows = []
         for index in order.tolist():
-            label = int(result.classes[index])
+            label = result.classes[index].item()
             far, frr = rates.get(label, (float("nan"), float("nan")))
             rows.append((label, float(result.mean_class_utility[index]), far, frr))
         return rows
@@ -113,23 +113,31 @@ def load_embeddings(path: Path, what: str) -> np.ndarray:
 
 
 def load_labels(path: Path, what: str, expected: int) -> np.ndarray:
-    """An ``(expected,)`` integer array from a ``.npy`` file.
+    """An ``(expected,)`` array of class labels from a ``.npy`` file: integers of any
+    size, bools or floats (compared by value), kept in their dtype.
 
     Raises:
-        ReportInputError: missing/unreadable file, wrong shape or length, not integers.
+        ReportInputError: missing/unreadable file, wrong shape or length, not numbers,
+            NaN.
     """
     array = _load_npy(path, what)
     if array.ndim == 2 and array.shape[1] == 1:
         array = array[:, 0]
     if array.ndim != 1:
         raise ReportInputError(f"{what} {path} must be a 1-D array, got shape {array.shape}")
-    if array.dtype.kind not in "iu":
-        raise ReportInputError(f"{what} {path} must hold integers, got dtype {array.dtype}")
+    if array.dtype.kind not in "biuf":
+        raise ReportInputError(
+            f"{what} {path} must hold class labels (integers, bools or floats), got dtype "
+            f"{array.dtype}"
+        )
     if array.shape[0] != expected:
         raise ReportInputError(
             f"{what} {path} has {array.shape[0]} labels but there are {expected} embeddings"
         )
-    return array.astype(np.int64)
+    if array.dtype.kind == "f" and np.isnan(array).any():
+        row = int(np.flatnonzero(np.isnan(array))[0])
+        raise ReportInputError(f"{what} {path} contains NaN (first at row {row})")
+    return array
 
 
 def compute_report(

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from _opis_reference import naive_opis
 
 from pml_tcm.cli import main
 from pml_tcm.embedding_report import compute_report
@@ -155,6 +156,32 @@ def test_report_with_reference_set(saved_embeddings, tmp_path, capsys):
     assert f"R@1       {expected:.4f}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "to_labels",
+    [
+        lambda y: y.astype(np.int64) + 2**62,  # one float32 value for all six classes
+        lambda y: np.uint64(2**63) + y.astype(np.uint64),
+        lambda y: y * 0.5 - 0.25,  # non-integral floats
+    ],
+)
+def test_report_with_labels_of_any_size(saved_embeddings, tmp_path, capsys, to_labels):
+    folder, embeddings, small = saved_embeddings
+    labels = to_labels(small)
+    np.save(tmp_path / "labels.npy", labels)
+    args = ["report", str(folder / "emb.npy"), str(tmp_path / "labels.npy")]
+    assert main(args + ["--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert f"R@1       {_brute_force_r_at_1(embeddings, labels):.4f}" in printed
+    report = compute_report(embeddings, np.load(tmp_path / "labels.npy"), target_far=0.01)
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    expected = naive_opis((unit @ unit.T).astype(np.float64), labels, labels, 0)
+    assert report.metrics["opis"] == pytest.approx(expected["opis"], rel=1e-4)
+    assert report.calibration.threshold == pytest.approx(
+        _brute_force_far_threshold(embeddings, labels, 0.01), abs=1e-5
+    )
+    assert {row[0] for row in report.worst_classes(6)} == set(labels.tolist())
+
+
 def _bad_inputs(tmp_path, embeddings, labels):
     """(name, files written, extra args, phrase expected in the error)."""
     nan = embeddings.copy()
@@ -165,7 +192,7 @@ def _bad_inputs(tmp_path, embeddings, labels):
         ("wrong_shape", {"emb.npy": embeddings[:, 0]}, [], "(N, D)"),
         ("nan", {"emb.npy": nan}, [], "NaN"),
         ("length", {"labels.npy": labels[:-1]}, [], "labels"),
-        ("float_labels", {"labels.npy": labels.astype(np.float32) + 0.5}, [], "integers"),
+        ("nan_labels", {"labels.npy": np.where(labels == 2, np.nan, labels)}, [], "NaN"),
         ("text_array", {"emb.npy": np.array([["a", "b"]])}, [], "numbers"),
         ("reference_alone", {}, ["--reference", "REF"], "together"),
         ("bad_far", {}, ["--target-far", "2"], "target_far"),
