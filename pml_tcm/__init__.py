@@ -2,6 +2,7 @@
 
 from .accuracy import OPISAccuracyCalculator
 from .calibration import CalibrationReport, calibrate_threshold
+from .losses import ThresholdConsistentMarginLoss
 from .miner import TCMMiner
 from .plotting import plot_utility_curves
 from .regularizer import TCMRegularizer
@@ -14,6 +15,7 @@ __all__ = [
     "OPISAccuracyCalculator",
     "TCMMiner",
     "TCMRegularizer",
+    "ThresholdConsistentMarginLoss",
     "calibrate_threshold",
     "plot_utility_curves",
     "with_tcm",
