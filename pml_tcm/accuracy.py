@@ -255,7 +255,7 @@ def _refuse_opis_with_custom_comparison(include: Any) -> None:
     requested = [name for name in OPIS_METRICS if name in tuple(include)]
     if requested:
         raise ValueError(
-            f"label_comparison_fn: {' and '.join(requested)} need(s) labels compared by "
+            f"label_comparison_fn: the OPIS metrics {requested} need labels compared by "
             "equality (classes); leave them out of include to use a custom comparison"
         )
 
