@@ -5,16 +5,20 @@ forward+backward of:
 
 * ``floor``: normalize + x @ x.T, summed, backward: the least any pairwise loss costs;
 * ``pml_tcm``: ``TCMRegularizer()`` as users get it (input checks on);
+* ``drop_in``: ``pml_tcm.losses.ThresholdConsistentMarginLoss()``, the drop-in for pml's
+  loss (same call, pml's reducer path, no input-value checks, as pml);
 * ``pml``: pml's ``losses.ThresholdConsistentMarginLoss`` (skipped where its per-pair
   gathers would not fit in memory).
 
 Times are medians over repetitions with the methods interleaved, so background load hits
-them alike; the ratio column is against the floor of the same run. Peak memory is the
+them alike; the ratio columns are against the floor of the same run, and ``pml /
+drop-in`` against the drop-in timed interleaved with pml's loss. Peak memory is the
 growth of the process's peak RSS (VmHWM, reset before the step) over its RSS before the
 step (inputs already allocated), each method in a fresh subprocess; Linux only.
 
     python benchmarks/tcm_speed.py                 # the full table
     python benchmarks/tcm_speed.py --sizes 256 1024
+    python benchmarks/tcm_speed.py --pml-reps 1   # fewer repetitions of pml's slow loss
     python benchmarks/tcm_speed.py --device cuda   # on a GPU: CUDA events are not needed,
                                                    # each step ends with a synchronize
 
@@ -32,7 +36,7 @@ import sys
 import time
 
 DIM = 512
-METHODS = ("floor", "pml_tcm", "pml")
+METHODS = ("floor", "pml_tcm", "drop_in", "pml")
 # pml gathers two (pairs, D) float32 row sets per part plus their gradients.
 PML_BYTES_PER_PAIR = DIM * 4 * 6
 PML_MEMORY_LIMIT = 14e9
@@ -44,6 +48,7 @@ def make_step(method: str, n: int, device: str = "cpu"):
     from pytorch_metric_learning.losses import ThresholdConsistentMarginLoss
 
     from pml_tcm import TCMRegularizer
+    from pml_tcm.losses import ThresholdConsistentMarginLoss as DropInLoss
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, DIM, generator=gen).to(device).requires_grad_()
@@ -59,6 +64,12 @@ def make_step(method: str, n: int, device: str = "cpu"):
 
         def loss_fn():
             return reg(x, y)
+
+    elif method == "drop_in":
+        drop_in = DropInLoss()
+
+        def loss_fn():
+            return drop_in(x, y)
 
     else:
         pml_loss = ThresholdConsistentMarginLoss()
@@ -150,6 +161,9 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
+    parser.add_argument(
+        "--pml-reps", type=int, default=3, help="timed repetitions of pml's loss (default 3)"
+    )
     parser.add_argument("--memory-child", nargs=2, metavar=("METHOD", "N"))
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
@@ -168,28 +182,34 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, D={DIM}, float32, {where}")
     header = (
-        "| N | floor ms | pml_tcm ms | pml_tcm / floor | pml ms | pml / pml_tcm "
-        "| floor peak MB | pml_tcm peak MB | pml peak MB |"
+        "| N | floor ms | pml_tcm ms | pml_tcm / floor | drop-in ms | drop-in / floor "
+        "| pml ms | pml / drop-in | floor peak MB | pml_tcm peak MB | drop-in peak MB "
+        "| pml peak MB |"
     )
     print(header)
-    print("|---" * 9 + "|")
+    print("|---" * 12 + "|")
     for n in args.sizes:
-        methods = ["floor", "pml_tcm"] + (["pml"] if pml_fits(n, device) else [])
+        ours = ["floor", "pml_tcm", "drop_in"]
+        methods = ours + (["pml"] if pml_fits(n, device) else [])
         reps = 15 if n <= 1024 else 7 if n <= 4096 else 3
         if device != "cpu":
             reps = 25
-        times = median_times(["floor", "pml_tcm"], n, reps, device)
+        times = median_times(ours, n, reps, device)
+        pml_ratio = "-"
         if "pml" in methods:
-            times.update(median_times(["pml"], n, 3, device))
+            # pml interleaved with the drop-in, so that the ratio sees one load
+            paired = median_times(["drop_in", "pml"], n, args.pml_reps, device)
+            times["pml"] = paired["pml"]
+            pml_ratio = f"{paired['pml'] / paired['drop_in']:.0f}x"
         memory = {m: peak_memory(m, n, device) for m in methods}
 
         ms = {m: f"{t * 1e3:.1f}" for m, t in times.items()}
         mb = {m: f"{b / 2**20:.0f}" for m, b in memory.items()}
-        pml_ratio = f"{times['pml'] / times['pml_tcm']:.0f}x" if "pml" in times else "-"
         print(
             f"| {n} | {ms['floor']} | {ms['pml_tcm']} | {times['pml_tcm'] / times['floor']:.2f} "
+            f"| {ms['drop_in']} | {times['drop_in'] / times['floor']:.2f} "
             f"| {ms.get('pml', 'skipped (would not fit)')} | {pml_ratio} | {mb['floor']} "
-            f"| {mb['pml_tcm']} | {mb.get('pml', '-')} |",
+            f"| {mb['pml_tcm']} | {mb['drop_in']} | {mb.get('pml', '-')} |",
             flush=True,
         )
 
