@@ -100,6 +100,21 @@ def test_every_metric_gives_the_values_of_dense_ids(dtype, return_per_class):
     assert torch.equal(calc.last_result.classes, torch.unique(labels).cpu())
 
 
+def test_return_per_class_keeps_pml_order_of_classes():
+    # Labels whose order differs from the generator's ids: pml lists classes in ascending
+    # label order; the reference gets dense ids from numpy's sorted unique values.
+    x, y = data(8, n=150, classes=6)
+    values = np.array([2**62 + 1, -(2**40), 7, 2**62, -3, 2**53 + 1], dtype=np.int64)
+    labels = values[y.numpy()]
+    _, dense = np.unique(labels, return_inverse=True)
+    calc = OPISAccuracyCalculator(include=ALL, num_thresholds=32, return_per_class=True, device=CPU)
+    got = calc.get_accuracy(x, torch.from_numpy(labels))
+    assert_metrics_equal(got, pml_plain(x, torch.from_numpy(dense), return_per_class=True))
+    naive = naive_opis(cosine(x, x), labels, labels, 0, num_thresholds=32)
+    np.testing.assert_allclose(got["opis"], naive["means"], atol=1e-9)
+    assert calc.last_result.classes.tolist() == sorted(values.tolist())
+
+
 def test_labels_beyond_float32_do_not_collide():
     # Consecutive integers from 2^62 on are one float32 value: pml alone sees one class.
     x, y = data(1, n=300, classes=10)
