@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from torch import Tensor
@@ -133,29 +134,28 @@ class ThresholdConsistentMarginLoss(BaseMetricLossFunction):
                 "or an indices_tuple"
             )
         pairs = _pml_checks.as_pairs(indices_tuple, labels, ref_labels, embeddings.device)
-        queries = tcm_functional.normalize(embeddings)
-        references = (
-            queries
-            if ref_emb is embeddings
-            else tcm_functional.normalize(ref_emb).to(queries.dtype)
-        )
         # pml's pairs: without indices_tuple, (i, i) is left out when ref_labels is
         # labels (the batch against itself, or a reference set of the same samples).
-        self_offset = 0 if indices_tuple is None and ref_labels is labels else None
-        weights, constant, num_pos, num_neg = tcm_functional.tcm_pair_weights(
-            queries.detach(),
+        self_pairs_left_out = indices_tuple is None and ref_labels is labels
+        references, self_columns = ref_emb.to(embeddings.dtype), None
+        if ref_emb is embeddings and (self_pairs_left_out or pairs is not None):
+            references = ref_labels = None  # the batch against itself
+        elif self_pairs_left_out:
+            self_columns = torch.arange(embeddings.shape[0], device=embeddings.device)
+        elif ref_labels is None:  # pairs given without labels: no label is read
+            ref_labels = torch.zeros(ref_emb.shape[0], dtype=torch.int64, device=ref_emb.device)
+        loss, num_pos, num_neg = tcm_functional.tcm_loss_and_counts(
+            embeddings,
             labels,
-            references.detach(),
+            references,
             ref_labels,
             self.margin_plus,
             self.margin_minus,
             self.lambda_plus,
             self.lambda_minus,
-            self_offset,
             pairs,
+            self_columns,
         )
-        # sum_ij W_ij <q_i, r_j> as sum_i <q_i, (W r)_i>: no (N, M) gradient is built.
-        loss = (queries * (weights @ references)).sum() + constant
         if self.collect_stats:
             self.num_hard_pos_pairs, self.num_hard_neg_pairs = num_pos, num_neg
         return {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
