@@ -155,7 +155,10 @@ def test_huge_weights_that_are_accepted_stay_finite():
 # --------------------------------------------------------------------------- property
 
 
-finite_scales = st.sampled_from([1e-35, 1e-20, 1e-6, 1.0, 1e6, 1e20, 1e35])
+# powers of two: the scaled rows are the same numbers up to the exponent, so the result
+# must not move at all (other scales round the entries, and OPIS on a dozen pairs jumps
+# when a rounded pair crosses the calibrated threshold)
+finite_scales = st.sampled_from([2.0**-115, 2.0**-60, 2.0**-20, 1.0, 2.0**20, 2.0**60, 2.0**115])
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -884,8 +884,8 @@ def _guide_brackets(
         margin = 6.0 * math.sqrt(expected) + 0.02 * expected + 2.0
         top_rank, bottom_rank = expected - margin, expected + margin
         # bins counted from the top; a bin holding rank r is the first with from_top >= r
-        top_bin = int(torch.searchsorted(from_top, torch.tensor(max(top_rank, 0.0))))
-        bottom_bin = int(torch.searchsorted(from_top, torch.tensor(bottom_rank)))
+        rank_range = torch.tensor([max(top_rank, 0.0), bottom_rank], dtype=torch.float64)
+        top_bin, bottom_bin = torch.searchsorted(from_top, rank_range).tolist()
         # one more bin on each side for the rounding of the binning at bin edges
         hi_edge = GUIDE_BINS - top_bin + 1
         lo_edge = GUIDE_BINS - bottom_bin - 2
@@ -1019,7 +1019,11 @@ def _far_closeness_thresholds(
                 piece_from_top = int(torch.searchsorted(pieces, torch.tensor(rank_inside)))
                 piece = target.pivots.numel() - piece_from_top
                 edges = torch.cat(
-                    [torch.tensor([target.lo]), target.pivots.cpu(), torch.tensor([target.hi])]
+                    [
+                        torch.tensor([target.lo], dtype=torch.float64),
+                        target.pivots.cpu(),
+                        torch.tensor([target.hi], dtype=torch.float64),
+                    ]
                 )
                 already_above = int(pieces[piece_from_top - 1]) if piece_from_top > 0 else 0
                 target.above = above + already_above
