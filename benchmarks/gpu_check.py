@@ -179,6 +179,32 @@ def main() -> int:
 
     check("2f report path on cuda vs cpu", report_paths)
 
+    def large_labels():
+        big = ql_cpu[:1500] + 2**62
+        calculator = OPISAccuracyCalculator(include=("precision_at_1", "opis"), device=cuda)
+        on_gpu = calculator.get_accuracy(q[:1500], big.to(cuda))
+        dense = calculator.get_accuracy(q[:1500], ql[:1500])
+        threshold = calibrate_threshold(q[:1500], big.to(cuda), target_far=1e-2).threshold
+        dense_threshold = calibrate_threshold(q[:1500], ql[:1500], target_far=1e-2).threshold
+        if on_gpu != dense or threshold != dense_threshold:
+            raise AssertionError(f"{on_gpu} vs {dense}; {threshold} vs {dense_threshold}")
+        return f"labels 2**62 + y == labels y: {on_gpu}"
+
+    check("2g labels >= 2^24 on CUDA (calculator, calibration)", large_labels)
+
+    def drop_in_vs_pml():
+        from pml_tcm.losses import ThresholdConsistentMarginLoss as DropIn
+
+        leaf_a, leaf_b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours = DropIn()(leaf_a, y)
+        theirs = losses.ThresholdConsistentMarginLoss()(leaf_b, y)
+        ours.backward()
+        theirs.backward()
+        grad_gap = (leaf_a.grad - leaf_b.grad).abs().max().item()
+        return f"drop-in {ours.item():.6f} pml {theirs.item():.6f}; max grad gap {grad_gap:.2e}"
+
+    check("2h drop-in ThresholdConsistentMarginLoss vs pml's on CUDA", drop_in_vs_pml)
+
     # 3. Autocast: the TCM term stays float32; gradients match float32.
     def autocast():
         qq = torch.randn(256, 32, device=cuda)
