@@ -33,7 +33,12 @@ def _origin(error: BaseException) -> str:
     return f"{frames[-1].filename.split('pml_tcm')[-1]}:{frames[-1].lineno}" if frames else "?"
 
 
+ONLY: str | None = None
+
+
 def check(name: str, fn) -> None:
+    if ONLY is not None and ONLY not in name:
+        return
     start = time.perf_counter()
     try:
         out = fn()
@@ -66,7 +71,10 @@ def our_sync_warnings(fn) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", action="store_true", help="then run both benchmarks")
+    parser.add_argument("--only", default=None, help="run only the checks whose name has this")
     args = parser.parse_args()
+    global ONLY
+    ONLY = args.only
     if not torch.cuda.is_available():
         print("gpu_check: torch sees no CUDA device", file=sys.stderr)
         return 2
@@ -231,13 +239,21 @@ def main() -> int:
         step = torch.compile(regularizer, fullgraph=True, backend=backend, mode=mode)
         leaf = x.clone().requires_grad_()
         expected = TCMRegularizer(**margins)(x.clone().requires_grad_(), y)
+
+        def one_step() -> torch.Tensor:
+            # CUDA graphs (reduce-overhead) reuse their output buffers on the next replay:
+            # mark each training step and keep a copy of what is read later
+            torch.compiler.cudagraph_mark_step_begin()
+            value = step(leaf, y)
+            value.backward()
+            return value.detach().clone()
+
         for _ in range(2):
-            step(leaf, y).backward()  # compile and warm up outside debug mode
+            one_step()  # compile and warm up outside debug mode
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         for _ in range(3):
-            value = step(leaf, y)
-            value.backward()
+            value = one_step()
         torch.cuda.set_sync_debug_mode(0)
         return f"no sync; value {value.item():.6f} eager {expected.item():.6f}"
 
