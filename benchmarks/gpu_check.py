@@ -244,9 +244,11 @@ def main() -> int:
             # CUDA graphs (reduce-overhead) reuse their output buffers on the next replay:
             # mark each training step and keep a copy of what is read later
             torch.compiler.cudagraph_mark_step_begin()
+            leaf.grad = None  # (an accumulated .grad would read the last replay's buffer)
             value = step(leaf, y)
+            kept = value.detach().clone()
             value.backward()
-            return value.detach().clone()
+            return kept
 
         for _ in range(2):
             one_step()  # compile and warm up outside debug mode

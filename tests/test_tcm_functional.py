@@ -190,3 +190,12 @@ def test_compiles_without_graph_breaks(backend):
     expected = naive_tcm(x.detach().double(), y, pos_margin=0.4, neg_margin=0.1)
     assert abs(loss.item() - expected.item()) < 1e-5
     assert torch.isfinite(x.grad).all()
+
+
+def test_count_true_in_row_blocks_matches_a_plain_count():
+    from pml_tcm.functional.tcm import count_true
+
+    gen = torch.Generator().manual_seed(5)
+    for shape in ((3000, 2000), (5, 7), (0, 4), (1, 1 << 23)):
+        mask = torch.rand(shape, generator=gen) > 0.4
+        assert int(count_true(mask)) == int(mask.numpy().sum())

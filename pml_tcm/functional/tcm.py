@@ -92,6 +92,18 @@ def hard_pair_masks(
     return hard_positive, hard_negative
 
 
+def count_true(mask: Tensor) -> Tensor:
+    """Number of ``True`` entries of a 2-D mask, a 0-dim int64 tensor (no host sync).
+
+    Counted in row blocks of about 2^22 entries: on CUDA an integer reduction of a bool
+    tensor first casts all of it to int64, 8 bytes an entry (2 GiB for a 16384^2 mask).
+    """
+    rows = max(1, (1 << 22) // max(1, mask.shape[1]))
+    if mask.shape[0] <= rows:
+        return torch.count_nonzero(mask)
+    return torch.stack([torch.count_nonzero(block) for block in mask.split(rows)]).sum()
+
+
 def _part_coefficient(weight: float, count: Tensor, dtype: torch.dtype) -> Tensor:
     # weight / count, and 0 when there is no hard pair; a tensor, so no host sync.
     return weight / count.clamp_min(1).to(dtype)
@@ -136,7 +148,7 @@ def tcm_pair_weights(
         hard_positive, hard_negative = hard_pair_masks(
             sims, labels, ref_labels, pos_margin, neg_margin, self_offset, self_columns
         )
-        num_pos, num_neg = torch.count_nonzero(hard_positive), torch.count_nonzero(hard_negative)
+        num_pos, num_neg = count_true(hard_positive), count_true(hard_negative)
         pos_coef = _part_coefficient(pos_weight, num_pos, dtype)
         neg_coef = _part_coefficient(neg_weight, num_neg, dtype)
         # W over S's storage (S is not needed any more). mul/where take the 0-dim device
