@@ -173,6 +173,153 @@ def _negatives_between(stream: PairStream, pairs: ChunkPairs, low: float, high: 
     return values.index_select(0, selected.index_select(0, negative)).to(torch.float64)
 
 
+class _PassTally:
+    """What one exact pass learns about each open target (row ``j`` for ``targets[j]``).
+
+    ``counts[j, 0]``: negatives ``>= hi``; ``counts[j, 1]``: negatives in ``[lo, hi)``;
+    ``counts[j, 2 + p]``: negatives in pivot piece ``p``. ``extremes[j]``: ``(min, -max)``
+    of the negatives in the bracket. ``collected[j]``: those negatives themselves while
+    there are at most ``collect_limit`` (and no pivots); ``overflow[j]``: more, on a rank.
+    """
+
+    def __init__(
+        self,
+        targets: list[_Target],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        collect_limit: int,
+    ) -> None:
+        self.targets = targets
+        self.dtype = dtype
+        self.collect_limit = collect_limit
+        count_slots = 2 + PIVOTS + 1
+        self.counts = torch.zeros(len(targets), count_slots, dtype=torch.int64, device=device)
+        self.extremes = torch.full((len(targets), 2), math.inf, dtype=torch.float64, device=device)
+        self.collected: list[list[Tensor]] = [[] for _ in targets]
+        self.collected_size = [0] * len(targets)
+        self.overflow: Tensor | None = None
+        self._pivots = [None if t.pivots is None else t.pivots.to(device) for t in targets]
+
+    def add(self, stream: PairStream, pairs: ChunkPairs) -> None:
+        """Tally one chunk's pairs (gathered at or below every open bracket's ``lo``)."""
+        counts, extremes = self.counts, self.extremes
+        in_bracket: dict[tuple[float, float], Tensor] = {}  # targets may share one
+        for j, target in enumerate(self.targets):
+            counts[j, 0] += _negatives_at_or_above(pairs, target.hi)
+            bracket = (target.lo, target.hi)
+            if bracket not in in_bracket:
+                in_bracket[bracket] = _negatives_between(stream, pairs, *bracket)
+            inside = in_bracket[bracket]
+            # (float64 copies of the scores: exact, and the pivots compare in float64)
+            counts[j, 1] += inside.shape[0]
+            if inside.numel():
+                extremes[j, 0] = torch.minimum(extremes[j, 0], inside.min())
+                extremes[j, 1] = torch.minimum(extremes[j, 1], -inside.max())
+            if target.pivots is not None:
+                piece = torch.searchsorted(self._pivots[j], inside, right=True)
+                counts[j, 2 : 2 + target.pivots.numel() + 1] += torch.bincount(
+                    piece, minlength=target.pivots.numel() + 1
+                )
+            elif self.collected_size[j] <= self.collect_limit:
+                self.collected[j].append(inside.to(self.dtype))
+                self.collected_size[j] += inside.shape[0]
+
+    def reduce(self, distributed: bool) -> None:
+        """Combine the ranks' tallies; the counts end up on the host (the bracket updates
+        are host-side: one copy each per pass)."""
+        device = self.counts.device
+        all_reduce(self.counts, distributed=distributed)
+        all_reduce(self.extremes, distributed=distributed, op="min")
+        overflow = torch.tensor(
+            [float(s > self.collect_limit) for s in self.collected_size],
+            dtype=torch.float64,
+            device=device,
+        )
+        all_reduce(overflow, distributed=distributed, op="max")
+        self.counts, self.extremes, self.overflow = (
+            self.counts.cpu(),
+            self.extremes.cpu(),
+            overflow.cpu(),
+        )
+
+
+def _exact_pass(
+    stream: PairStream, tally: _PassTally, floor: float, retain_limit: int
+) -> list[ChunkPairs] | None:
+    """One pass over all chunks, filtered at ``floor``, into ``tally``; returns the
+    chunks' pairs when they number at most ``retain_limit`` scores, else ``None``."""
+    kept_pairs: list[ChunkPairs] | None = []
+    kept = 0
+    for start, end in stream.chunks():
+        pairs = stream.scan(floor, start, end, keep_positions=True)
+        tally.add(stream, pairs)
+        pairs.positions = None
+        if kept_pairs is not None:
+            kept += pairs.size
+            if kept <= retain_limit:
+                kept_pairs.append(pairs)
+            else:
+                kept_pairs = None
+    return kept_pairs
+
+
+def _narrow_to_piece(target: _Target, piece_counts: Tensor, above: int, rank_inside: int) -> int:
+    """Move the bracket to the pivot piece holding the rank; returns its negatives.
+
+    ``piece_counts``: negatives per piece, ascending; ``above``: negatives ``>= hi``."""
+    pieces = piece_counts.flip(0).cumsum(0)
+    piece_from_top = int(torch.searchsorted(pieces, torch.tensor(rank_inside)))
+    piece = target.pivots.numel() - piece_from_top
+    edges = torch.cat(
+        [
+            torch.tensor([target.lo], dtype=torch.float64),
+            target.pivots.cpu(),
+            torch.tensor([target.hi], dtype=torch.float64),
+        ]
+    )
+    already_above = int(pieces[piece_from_top - 1]) if piece_from_top > 0 else 0
+    target.above = above + already_above
+    target.lo, target.hi = float(edges[piece]), float(edges[piece + 1])
+    return int(pieces[piece_from_top]) - already_above
+
+
+def _narrow(
+    target: _Target, j: int, tally: _PassTally, *, distributed: bool, collect_limit: int
+) -> None:
+    """Update ``target`` (row ``j`` of ``tally``) after a pass: move the bracket above or
+    below, take the exact value from the collected negatives, or split at pivots."""
+    above, inside = int(tally.counts[j, 0]), int(tally.counts[j, 1])
+    low, high = float(tally.extremes[j, 0]), -float(tally.extremes[j, 1])
+    if target.rank <= above:  # the value is >= hi: look above
+        target.lo, target.hi, target.above, target.pivots = target.hi, math.inf, 0, None
+        return
+    if target.rank > above + inside:  # the value is < lo: look below
+        target.above = above + inside
+        target.hi, target.lo, target.pivots = target.lo, -math.inf, None
+        return
+    target.above = above
+    rank_inside = target.rank - above
+    if target.pivots is None and not bool(tally.overflow[j]):
+        values = all_gather_values(torch.cat(tally.collected[j]), distributed=distributed)
+        # the rank_inside-th largest
+        kth = values.numel() - rank_inside + 1
+        target.value = float(torch.kthvalue(values, kth).values)
+        return
+    if target.pivots is not None:
+        piece_counts = tally.counts[j, 2 : 2 + target.pivots.numel() + 1]
+        inside = _narrow_to_piece(target, piece_counts, above, rank_inside)
+        # the piece's own extremes are unknown; its edges bound it
+        low, high = max(target.lo, low), min(target.hi, high)
+    target.inside = inside
+    if inside <= collect_limit:
+        target.pivots = None
+        return
+    target.pivots = _next_pivots(low, high, target.hi, tally.dtype)
+    if target.pivots is None:  # no value above low in the bracket: all equal low
+        target.value = low
+
+
 def far_closeness_thresholds(
     *,
     stream: PairStream,
@@ -199,8 +346,6 @@ def far_closeness_thresholds(
         The :class:`FarThresholds`.
     """
     targets = [_Target(rank=r) for r in ranks]
-    dtype = stream.queries.dtype
-    device = stream.queries.device
     if num_negatives > collect_limit:
         _guide_brackets(stream, targets, num_negatives, distributed, seed)
 
@@ -211,96 +356,18 @@ def far_closeness_thresholds(
         if not open_targets:
             break
         floor = min(t.lo for t in open_targets)
-        keep_pairs: list[ChunkPairs] | None = []
-        kept = 0
-        count_slots = 2 + PIVOTS + 1
-        counts = torch.zeros(len(open_targets), count_slots, dtype=torch.int64, device=device)
-        extremes = torch.full((len(open_targets), 2), math.inf, dtype=torch.float64, device=device)
-        collected: list[list[Tensor]] = [[] for _ in open_targets]
-        collected_size = [0] * len(open_targets)
-        device_pivots = [None if t.pivots is None else t.pivots.to(device) for t in open_targets]
-        for start, end in stream.chunks():
-            pairs = stream.scan(floor, start, end, keep_positions=True)
-            in_bracket: dict[tuple[float, float], Tensor] = {}  # targets may share one
-            for j, target in enumerate(open_targets):
-                counts[j, 0] += _negatives_at_or_above(pairs, target.hi)
-                bracket = (target.lo, target.hi)
-                if bracket not in in_bracket:
-                    in_bracket[bracket] = _negatives_between(stream, pairs, *bracket)
-                inside = in_bracket[bracket]
-                # (float64 copies of the scores: exact, and the pivots compare in float64)
-                counts[j, 1] += inside.shape[0]
-                if inside.numel():
-                    extremes[j, 0] = torch.minimum(extremes[j, 0], inside.min())
-                    extremes[j, 1] = torch.minimum(extremes[j, 1], -inside.max())
-                if target.pivots is not None:
-                    piece = torch.searchsorted(device_pivots[j], inside, right=True)
-                    counts[j, 2 : 2 + target.pivots.numel() + 1] += torch.bincount(
-                        piece, minlength=target.pivots.numel() + 1
-                    )
-                elif collected_size[j] <= collect_limit:
-                    collected[j].append(inside.to(dtype))
-                    collected_size[j] += inside.shape[0]
-            pairs.positions = None
-            if keep_pairs is not None:
-                kept += pairs.size
-                if kept <= retain_limit:
-                    keep_pairs.append(pairs)
-                else:
-                    keep_pairs = None
-        all_reduce(counts, distributed=distributed)
-        all_reduce(extremes, distributed=distributed, op="min")
-        overflow = torch.tensor(
-            [float(s > collect_limit) for s in collected_size], dtype=torch.float64, device=device
+        tally = _PassTally(
+            open_targets,
+            device=stream.queries.device,
+            dtype=stream.queries.dtype,
+            collect_limit=collect_limit,
         )
-        all_reduce(overflow, distributed=distributed, op="max")
-        # the bracket updates below are host-side: one copy each per pass
-        counts, extremes, overflow = counts.cpu(), extremes.cpu(), overflow.cpu()
-        if keep_pairs is not None and floor <= retained_floor:
-            retained, retained_floor = keep_pairs, floor
-
+        kept_pairs = _exact_pass(stream, tally, floor, retain_limit)
+        tally.reduce(distributed)
+        if kept_pairs is not None and floor <= retained_floor:
+            retained, retained_floor = kept_pairs, floor
         for j, target in enumerate(open_targets):
-            above, inside = int(counts[j, 0]), int(counts[j, 1])
-            low, high = float(extremes[j, 0]), -float(extremes[j, 1])
-            if target.rank <= above:  # the value is >= hi: look above
-                target.lo, target.hi, target.above, target.pivots = target.hi, math.inf, 0, None
-                continue
-            if target.rank > above + inside:  # the value is < lo: look below
-                target.above = above + inside
-                target.hi, target.lo, target.pivots = target.lo, -math.inf, None
-                continue
-            target.above = above
-            rank_inside = target.rank - above
-            if target.pivots is None and not bool(overflow[j]):
-                values = all_gather_values(torch.cat(collected[j]), distributed=distributed)
-                # the rank_inside-th largest
-                kth = values.numel() - rank_inside + 1
-                target.value = float(torch.kthvalue(values, kth).values)
-                continue
-            if target.pivots is not None:
-                pieces = counts[j, 2 : 2 + target.pivots.numel() + 1].flip(0).cumsum(0)
-                piece_from_top = int(torch.searchsorted(pieces, torch.tensor(rank_inside)))
-                piece = target.pivots.numel() - piece_from_top
-                edges = torch.cat(
-                    [
-                        torch.tensor([target.lo], dtype=torch.float64),
-                        target.pivots.cpu(),
-                        torch.tensor([target.hi], dtype=torch.float64),
-                    ]
-                )
-                already_above = int(pieces[piece_from_top - 1]) if piece_from_top > 0 else 0
-                target.above = above + already_above
-                target.lo, target.hi = float(edges[piece]), float(edges[piece + 1])
-                inside = int(pieces[piece_from_top]) - already_above
-                # the piece's own extremes are unknown; its edges bound it
-                low, high = max(target.lo, low), min(target.hi, high)
-            target.inside = inside
-            if inside <= collect_limit:
-                target.pivots = None
-                continue
-            target.pivots = _next_pivots(low, high, target.hi, dtype)
-            if target.pivots is None:  # no value above low in the bracket: all equal low
-                target.value = low
+            _narrow(target, j, tally, distributed=distributed, collect_limit=collect_limit)
     return FarThresholds(
         values=[t.value for t in targets], retained=retained, retained_floor=retained_floor
     )
