@@ -1,6 +1,6 @@
 """One global threshold for deployment and its per-class error rates, as tensor math.
 
-Pairs, self pairs and matching follow :mod:`pml_tcm.functional.streaming`: a pair matches at
+Pairs and self pairs follow :mod:`pml_tcm.functional.streaming`; a pair matches at
 threshold ``t`` when its closeness score (similarity, or minus a distance) is ``>= t``.
 For class ``c`` (the query's label): ``FAR_c(t) = FP_c(t) / negatives_c`` and
 ``FRR_c(t) = FN_c(t) / positives_c``.
@@ -87,7 +87,7 @@ def calibrate_closeness_threshold(
     Raises:
         ValueError: no negative pair for a target FAR, no positive pair for a target FRR.
     """
-    classes = global_classes(query_labels, distributed)
+    classes = global_classes(query_labels, distributed=distributed)
     stream = PairStream(
         queries=queries,
         query_labels=query_labels,

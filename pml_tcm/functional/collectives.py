@@ -41,6 +41,6 @@ def all_gather_values(values: Tensor, *, distributed: bool) -> Tensor:
     return torch.cat([g[: int(n)] for g, n in zip(gathered, lengths)])
 
 
-def global_classes(query_labels: Tensor, distributed: bool = False) -> Tensor:
+def global_classes(query_labels: Tensor, *, distributed: bool) -> Tensor:
     """Sorted distinct query labels, over all ranks when ``distributed``."""
     return torch.unique(all_gather_values(torch.unique(query_labels), distributed=distributed))

@@ -334,7 +334,7 @@ def opis(
         ref_includes_query=ref_includes_query,
         query_offset=query_offset,
     )
-    classes = global_classes(query_labels, distributed)
+    classes = global_classes(query_labels, distributed=distributed)
     stream = PairStream(
         queries=queries,
         query_labels=query_labels,
