@@ -59,7 +59,7 @@ def run_opis(x, y):
 def run_floor(x, y):
     import torch.nn.functional as F
 
-    from pml_tcm.functional.opis import default_chunk_size
+    from pml_tcm.functional.streaming import default_chunk_size
 
     chunk = default_chunk_size(x.shape[0])
     q = F.normalize(x, dim=1)
@@ -74,7 +74,7 @@ def run_floor_buffered(x, y):
     import torch
     import torch.nn.functional as F
 
-    from pml_tcm.functional.opis import default_chunk_size
+    from pml_tcm.functional.streaming import default_chunk_size
 
     chunk = default_chunk_size(x.shape[0])
     q = F.normalize(x, dim=1)

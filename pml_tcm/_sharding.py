@@ -1,13 +1,9 @@
-"""Evaluation helpers shared by OPISAccuracyCalculator and calibrate_threshold."""
+"""Query sharding over ``torch.distributed`` ranks, shared by OPISAccuracyCalculator and
+calibrate_threshold."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity
-
-from .functional.opis import cosine_similarity_scores
 
 
 def check_shard_queries(shard_queries: bool | str) -> None:
@@ -35,14 +31,3 @@ def query_shard(num_queries: int, shard_queries: bool | str) -> tuple[int, int, 
         return 0, num_queries, False
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     return num_queries * rank // world, num_queries * (rank + 1) // world, True
-
-
-def score_function(distance: BaseDistance) -> Any:
-    """The score function for a pml distance.
-
-    pml's plain CosineSimilarity is normalize + matmul: the functional default computes the
-    same values and streams its blocks through one reused buffer.
-    """
-    if type(distance) is CosineSimilarity and distance.power == 1:
-        return cosine_similarity_scores
-    return distance

@@ -11,7 +11,8 @@ from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity
 from pytorch_metric_learning.utils.accuracy_calculator import EQUALITY, AccuracyCalculator
 from torch import Tensor
 
-from ._sharding import check_shard_queries, query_shard, score_function
+from ._scores import score_function
+from ._sharding import check_shard_queries, query_shard
 from .functional import validation
 from .functional.labels import dense_class_ids
 from .functional.opis import OPISResult, opis

@@ -9,7 +9,8 @@ import torch
 from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity
 from torch import Tensor
 
-from ._sharding import check_shard_queries, query_shard, score_function
+from ._scores import score_function
+from ._sharding import check_shard_queries, query_shard
 from .functional import validation
 from .functional.calibration import calibrate_closeness_threshold
 from .functional.labels import dense_class_ids

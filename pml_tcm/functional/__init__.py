@@ -1,4 +1,12 @@
-"""Pure tensor math of pml-tcm; imports nothing from pytorch-metric-learning."""
+"""Pure tensor math of pml-tcm; imports nothing from pytorch-metric-learning.
+
+One concept per module: ``tcm`` (the TCM term and its hard pairs), ``pairs`` (pair and
+self-pair conventions), ``labels`` (dense class ids), ``normalize`` (unit rows),
+``validation`` (input checks), ``opis`` (the OPIS metric), ``streaming`` (pairs of query
+chunks), ``counting`` (grid histograms), ``far_search`` (exact FAR thresholds),
+``collectives`` (``torch.distributed``), ``calibration`` (one threshold for a target FAR
+or FRR).
+"""
 
 from .labels import dense_class_ids
 from .opis import (

@@ -1,13 +1,14 @@
 """One global threshold for deployment and its per-class error rates, as tensor math.
 
-Pairs, self pairs and matching follow :mod:`pml_tcm.functional.opis`: a pair matches at
+Pairs and self pairs follow :mod:`pml_tcm.functional.streaming`; a pair matches at
 threshold ``t`` when its closeness score (similarity, or minus a distance) is ``>= t``.
 For class ``c`` (the query's label): ``FAR_c(t) = FP_c(t) / negatives_c`` and
 ``FRR_c(t) = FN_c(t) / positives_c``.
 
 * Target FAR ``f``: ``t`` is the k-th largest negative closeness, ``k = max(1, ⌈f·n_neg⌉)``
   (the definition of the OPIS calibration range; found exactly by the same streamed
-  search). Its pooled FAR is ``>= f`` (equal up to ties and rounding of ``f · n_neg``).
+  search, :mod:`pml_tcm.functional.far_search`). Its pooled FAR is ``>= f`` (equal up to
+  ties and rounding of ``f · n_neg``).
 * Target FRR ``r``: ``t`` is the k-th smallest positive closeness with
   ``k = ⌊r · n_pos⌋ + 1``: the highest threshold that rejects at most ``r · n_pos``
   positive pairs (pooled FRR ``<= r``). Positive scores are collected exactly (there are
@@ -22,22 +23,14 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from .opis import (
-    ScoreFn,
-    _all_gather_values,
-    _all_reduce,
-    _far_closeness_thresholds,
-    _pair_totals,
-    _PairStream,
-    ceil_fraction_of,
-    cosine_similarity_scores,
-    global_classes,
-)
+from .collectives import all_gather_values, all_reduce, global_classes
+from .far_search import far_closeness_thresholds, far_rank, num_negative_pairs
 from .pairs import pair_masks
+from .streaming import PairStream, ScoreFn, cosine_similarity_scores
 
 
 def class_error_counts(
-    stream: _PairStream, closeness_threshold: float, distributed: bool = False
+    stream: PairStream, closeness_threshold: float, distributed: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per class: ``(false_accepts, false_rejects, negatives, positives)``, ``(C,)`` int64."""
     num_classes = stream.classes.shape[0]
@@ -49,15 +42,15 @@ def class_error_counts(
         accepted = values.to(torch.float64) >= closeness_threshold
         true_accepts += torch.bincount(class_index[accepted & is_positive], minlength=num_classes)
         false_accepts += torch.bincount(class_index[accepted & ~is_positive], minlength=num_classes)
-    positives, negatives = _pair_totals(stream)
+    positives, negatives = stream.pair_totals()
     for tensor in (false_accepts, true_accepts):
-        _all_reduce(tensor, distributed)
-    _all_reduce(positives, distributed)
-    _all_reduce(negatives, distributed)
+        all_reduce(tensor, distributed=distributed)
+    all_reduce(positives, distributed=distributed)
+    all_reduce(negatives, distributed=distributed)
     return false_accepts, positives - true_accepts, negatives, positives
 
 
-def positive_scores(stream: _PairStream, distributed: bool = False) -> Tensor:
+def positive_scores(stream: PairStream, distributed: bool = False) -> Tensor:
     """All positive-pair closeness scores (1-D, unordered), over all ranks."""
     out = []
     for start, end in stream.chunks():
@@ -66,7 +59,7 @@ def positive_scores(stream: _PairStream, distributed: bool = False) -> Tensor:
         positive, _ = pair_masks(stream.query_labels[start:end], stream.reference_labels, offset)
         out.append(scores[positive])
     values = torch.cat(out) if out else stream.queries.new_zeros(0)
-    return _all_gather_values(values, distributed)
+    return all_gather_values(values, distributed=distributed)
 
 
 def calibrate_closeness_threshold(
@@ -94,27 +87,32 @@ def calibrate_closeness_threshold(
     Raises:
         ValueError: no negative pair for a target FAR, no positive pair for a target FRR.
     """
-    classes = global_classes(query_labels, distributed)
-    stream = _PairStream(
-        queries,
-        query_labels,
-        references,
-        reference_labels,
-        classes,
-        self_offset,
-        score_fn,
-        higher_is_closer,
-        chunk_size,
+    classes = global_classes(query_labels, distributed=distributed)
+    stream = PairStream(
+        queries=queries,
+        query_labels=query_labels,
+        references=references,
+        reference_labels=reference_labels,
+        classes=classes,
+        self_offset=self_offset,
+        score_fn=score_fn,
+        higher_is_closer=higher_is_closer,
+        chunk_size=chunk_size,
     )
-    positives, negatives = _pair_totals(stream)
     if target_far is not None:
-        num_negatives = int(_all_reduce(negatives.sum().reshape(1), distributed))
+        num_negatives = num_negative_pairs(stream, distributed=distributed)
         if num_negatives == 0:
             raise ValueError("target_far: there is no negative pair (a single class)")
-        rank = max(1, ceil_fraction_of(target_far, num_negatives))
-        (threshold,), _, _ = _far_closeness_thresholds(
-            stream, [rank], num_negatives, distributed, 1 << 24, 0, 0
+        search = far_closeness_thresholds(
+            stream=stream,
+            ranks=[far_rank(target_far, num_negatives)],
+            num_negatives=num_negatives,
+            distributed=distributed,
+            collect_limit=1 << 24,
+            retain_limit=0,
+            seed=0,
         )
+        (threshold,) = search.values
     else:
         values = positive_scores(stream, distributed)
         if values.numel() == 0:

@@ -1,0 +1,172 @@
+"""Grid counting: per-(class, threshold) histograms of streamed pairs.
+
+Owns :func:`grid_histograms`, which turns the :class:`~pml_tcm.functional.streaming.ChunkPairs`
+of a :class:`~pml_tcm.functional.streaming.PairStream` into the positive and negative
+histograms of an :class:`~pml_tcm.functional.opis.OPISState`.
+
+Counting buckets each pair into the grid (the number of grid points ``<= score``, from an
+arithmetic estimate corrected against the grid rounded up to the scores' dtype, so that
+``score >= g_i`` is exact) and counts the keys ``class · (G + 1) + bucket``; reversed
+cumulative sums give ``TP_c(g_i)`` and ``FP_c(g_i)``. Pairs below ``t_lo`` only matter
+through the per-class totals, which come from label counts without any score
+(:meth:`~pml_tcm.functional.streaming.PairStream.pair_totals`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from .streaming import ChunkPairs, PairStream
+
+
+def ceil_grid(grid: Tensor, dtype: torch.dtype) -> Tensor:
+    """``grid`` (float64) rounded up to ``dtype`` elementwise (see
+    :func:`~pml_tcm.functional.streaming.ceil_to_dtype`), in ``dtype``: ``x >= grid[i]``
+    is ``x >= result[i]`` for every ``x`` of that dtype."""
+    if dtype == torch.float64:
+        return grid
+    rounded = grid.to(dtype)
+    low = rounded.to(torch.float64) < grid
+    bumped = torch.nextafter(rounded, torch.full_like(rounded, math.inf))
+    return torch.where(low, bumped, rounded)
+
+
+class _KeyCounts:
+    """Counts of int64 keys in ``[0, size)``, each added with a weight of +1 or -1.
+
+    Large batches of +1 keys are held until there are several times ``size`` of them and
+    then ``bincount``-ed together (one dense pass of ``size`` per flush, not per chunk);
+    small batches are scattered directly with ``index_add_``."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.counts = torch.zeros(size, dtype=torch.int64, device=device)
+        self._pending: list[Tensor] = []
+        self._pending_keys = 0
+
+    def add(self, keys: Tensor, weight: int = 1) -> None:
+        size = self.counts.numel()
+        if weight != 1 or 8 * keys.numel() < size:
+            step = torch.full((1,), weight, dtype=torch.int64, device=keys.device)
+            self.counts.index_add_(0, keys, step.expand(keys.numel()))
+            return
+        self._pending.append(keys)
+        self._pending_keys += keys.numel()
+        if self._pending_keys >= 4 * size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            keys = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self.counts += torch.bincount(keys, minlength=self.counts.numel())
+            self._pending, self._pending_keys = [], 0
+
+    def total(self) -> Tensor:
+        self._flush()
+        return self.counts
+
+
+class _GridCounter:
+    """Per-(class, bucket) histograms of streamed :class:`ChunkPairs` on a fixed grid.
+
+    A pair's bucket is the number of grid points at or below its score (0: below
+    ``g_0``), exact: the comparisons are made against the grid rounded up to the scores'
+    dtype (``x >= g_i`` iff ``x >= ⌈g_i⌉``). The positive pairs are counted directly; the
+    negatives as all pairs minus the positive and the self pairs.
+    """
+
+    def __init__(self, stream: PairStream, closeness_grid: Tensor) -> None:
+        self.stream = stream
+        self.grid_size = closeness_grid.shape[0]
+        self.num_classes = stream.classes.shape[0]
+        self.grid = closeness_grid.to(torch.float64)
+        self._edges: dict[torch.dtype, tuple[Tensor, float, float]] = {}
+        size = self.num_classes * (self.grid_size + 1)
+        device = stream.queries.device
+        self.positive = _KeyCounts(size, device)
+        self.negative = _KeyCounts(size, device)
+
+    def add(self, pairs: ChunkPairs) -> None:
+        """Count the pairs of one chunk (gathered at or below ``g_0``)."""
+        row_key = self.stream.query_class[pairs.start : pairs.end] * (self.grid_size + 1)
+        all_keys = torch.repeat_interleave(
+            row_key, pairs.row_counts, output_size=pairs.values.numel()
+        )
+        self.negative.add(all_keys + self.buckets(pairs.values))
+        positive_keys = row_key.index_select(0, pairs.positive_rows)
+        positive_keys += self.buckets(pairs.positive_values)
+        self.positive.add(positive_keys)
+        self.negative.add(positive_keys, -1)
+        self_keys = row_key.index_select(0, pairs.self_rows) + self.buckets(pairs.self_values)
+        self.negative.add(self_keys, -1)
+
+    def histograms(self) -> tuple[Tensor, Tensor]:
+        """``(positive, negative)`` histograms, each ``(C, G)`` int64."""
+        shape = (self.num_classes, self.grid_size + 1)
+        positive = self.positive.total().view(shape)[:, 1:].contiguous()
+        negative = self.negative.total().view(shape)[:, 1:].contiguous()
+        return positive, negative
+
+    def buckets(self, values: Tensor) -> Tensor:
+        """How many grid points are ``<= value``, for each value (int64, exact).
+
+        The grid is evenly spaced, so an arithmetic estimate is off by at most one except
+        for degenerate grids; it is corrected against the rounded-up grid and checked,
+        and ``searchsorted`` answers whatever the check rejects."""
+        dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+        values = values.to(dtype)
+        edges, lo, hi = self._edges_of(dtype, values.device)
+        size = self.grid_size
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+            return torch.searchsorted(edges[1:-1], values, right=True)
+        count = ((values - lo) * ((size - 1) / (hi - lo))).floor_().add_(1).clamp_(0, size)
+        count = count.to(torch.int64)
+        count += (values >= edges.index_select(0, count + 1)).to(torch.int64)
+        count -= (values < edges.index_select(0, count)).to(torch.int64)
+        low, high = edges.index_select(0, count), edges.index_select(0, count + 1)
+        wrong = ((values < low) | (values >= high)).nonzero().squeeze(1)
+        if wrong.numel():
+            count[wrong] = torch.searchsorted(edges[1:-1], values[wrong], right=True)
+        return count
+
+    def _edges_of(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, float, float]:
+        """``(edges, ⌈g_0⌉, ⌈g_{G-1}⌉)``; ``edges`` is ``(G + 2,)``: ``[-inf, ⌈g_0⌉, ...,
+        ⌈g_{G-1}⌉, NaN]`` in ``dtype``, so a value ``v`` has ``k`` grid points at or below
+        it iff ``edges[k] <= v`` and not ``v >= edges[k + 1]``."""
+        if dtype not in self._edges:
+            bounds = ceil_grid(self.grid, dtype).to(device)
+            below = torch.full((1,), -math.inf, dtype=dtype, device=device)
+            above = torch.full((1,), math.nan, dtype=dtype, device=device)
+            edges = torch.cat([below, bounds, above])
+            self._edges[dtype] = (edges, float(bounds[0]), float(bounds[-1]))
+        return self._edges[dtype]
+
+
+def grid_histograms(
+    *,
+    stream: PairStream,
+    closeness_grid: Tensor,
+    retained: Iterable[ChunkPairs] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Positive and negative histograms of the stream's pairs on the grid.
+
+    Args:
+        stream: the pairs of this rank's queries.
+        closeness_grid: ``(G,)`` ascending closeness thresholds.
+        retained: the pairs of every chunk, gathered at or below ``g_0`` (kept by the FAR
+            search), or ``None`` for a pass over all chunks.
+
+    Returns:
+        ``(positive, negative)``, each ``(C, G)`` int64: ``[c, i]`` counts the pairs of
+        class ``c`` with score in ``[g_i, g_{i+1})`` (the last bucket is ``[g_{G-1}, ∞)``).
+    """
+    counter = _GridCounter(stream, closeness_grid)
+    if retained is None:
+        floor = float(closeness_grid[0])
+        retained = (stream.scan(floor, s, e) for s, e in stream.chunks())
+    for pairs in retained:
+        counter.add(pairs)
+    return counter.histograms()
