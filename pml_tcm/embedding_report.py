@@ -19,6 +19,7 @@ from .accuracy import OPISAccuracyCalculator
 from .calibration import CalibrationReport, calibrate_threshold
 from .functional.normalize import unit_rows
 from .functional.opis import OPISResult
+from .output_files import folder_problem, write_whole
 
 REPORT_METRICS = ("precision_at_1", "mean_average_precision_at_r", "opis", "eps_opis")
 
@@ -157,6 +158,7 @@ def compute_report(
     Raises:
         ValueError: bad settings or sets (e.g. a single class: no negative pair).
     """
+    _require_positive_pairs(labels, reference_labels)
     device = torch.device(device)
     queries = unit_rows(torch.as_tensor(embeddings).to(device))
     query_labels = torch.as_tensor(labels).to(device)
@@ -193,6 +195,23 @@ def compute_report(
     )
 
 
+def _require_positive_pairs(labels: np.ndarray, reference_labels: np.ndarray | None) -> None:
+    """R@1, MAP@R and OPIS need a query with a positive pair (same class, not itself)."""
+    labels = np.asarray(labels)
+    if reference_labels is None:
+        _, counts = np.unique(labels, return_counts=True)
+        if (counts < 2).all():
+            raise ReportInputError(
+                "every class has a single sample: no query has a positive pair, so R@1, "
+                "MAP@R and OPIS are undefined"
+            )
+    elif not np.isin(labels, np.asarray(reference_labels)).any():
+        raise ReportInputError(
+            "the reference set shares no class with the embeddings: no query has a "
+            "positive pair, so R@1, MAP@R and OPIS are undefined"
+        )
+
+
 def report_embeddings(
     embeddings: Path,
     labels: Path,
@@ -217,6 +236,9 @@ def report_embeddings(
         raise ReportInputError("give --reference and --reference-labels together")
     if worst < 1:
         raise ReportInputError(f"--worst must be positive, got {worst}")
+    problem = folder_problem(Path(out), "--out")
+    if problem is not None:  # checked before any work
+        raise ReportInputError(problem)
     query = load_embeddings(Path(embeddings), "embeddings")
     query_labels = load_labels(Path(labels), "labels", len(query))
     ref = ref_labels = None
@@ -249,8 +271,8 @@ def report_embeddings(
         out / "utility_curves.png": "per-class utility vs threshold, calibrated threshold marked",
     }
     paths = list(files)
-    paths[0].write_text(report_markdown(report, worst, inputs, settings, provenance))
-    paths[1].write_text(report_json(report, worst, inputs, settings, provenance))
+    markdown = report_markdown(report, worst, inputs, settings, provenance)
+    as_json = report_json(report, worst, inputs, settings, provenance)
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7.8, 4.8), layout="constrained")
@@ -273,7 +295,14 @@ def report_embeddings(
         "pooled one, so one threshold suits every class.",
         fontsize=9,
     )
-    figure.savefig(paths[2], dpi=120)
+    try:
+        write_whole(paths[0], lambda partial: partial.write_text(markdown))
+        write_whole(paths[1], lambda partial: partial.write_text(as_json))
+        write_whole(paths[2], lambda partial: figure.savefig(partial, dpi=120, format="png"))
+    except OSError as error:
+        raise ReportInputError(
+            f"cannot write into --out {out}: {error.strerror or error}"
+        ) from error
     print(text)
     print()
     for path, what in files.items():
@@ -285,8 +314,13 @@ def _load_npy(path: Path, what: str) -> np.ndarray:
     if not path.is_file():
         raise ReportInputError(f"{what} file {path} does not exist")
     try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
+        # memory-mapped first: the header is checked against the file's size before any
+        # allocation (a header claiming 10^12 rows fails here, not in the allocator)
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        if isinstance(array, np.ndarray):
+            array = np.array(array, order="C")  # also a Fortran-order array, as C order
+    except Exception as error:  # noqa: BLE001 - numpy's header parser raises many kinds
+        # (ValueError, SyntaxError, tokenize errors, EOFError, OSError, MemoryError, ...)
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ReportInputError(f"cannot read {what} file {path} as .npy: {reason}") from error
     if not isinstance(array, np.ndarray):

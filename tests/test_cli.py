@@ -196,14 +196,36 @@ def _bad_inputs(tmp_path, embeddings, labels):
         ("text_array", {"emb.npy": np.array([["a", "b"]])}, [], "numbers"),
         ("reference_alone", {}, ["--reference", "REF"], "together"),
         ("bad_far", {}, ["--target-far", "2"], "target_far"),
+        (
+            "corrupt_header",
+            {"emb.npy": _npy_header(b"{'descr': '<f4', 'fortran_order'")},
+            [],
+            "cannot read",
+        ),
+        ("huge_header", {"emb.npy": _npy_header(_header_dict((10**12, 8)))}, [], "cannot read"),
+        ("no_shared_class", {"ref_labels": labels + 100}, ["--reference", "REF"], "no class"),
+        ("singletons", {"labels.npy": np.arange(len(labels))}, [], "single sample"),
+        ("out_is_file", {"taken": b"x"}, ["--out", "OUT_FILE"], "is a file"),
+        ("out_under_file", {"taken": b"x"}, ["--out", "OUT_UNDER"], "lies under the file"),
     ]
 
 
-@pytest.mark.parametrize("case", range(9))
+def _header_dict(shape) -> bytes:
+    return repr({"descr": "<f4", "fortran_order": False, "shape": shape}).encode()
+
+
+def _npy_header(header: bytes) -> bytes:
+    """A .npy file (format 1.0) with the given header and no data."""
+    header = header + b" " * (-(len(header) + 11) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
+
+
+@pytest.mark.parametrize("case", range(15))
 def test_report_bad_input_is_one_line_and_exit_2(saved_embeddings, tmp_path, capsys, case):
     folder, embeddings, labels = saved_embeddings
     name, files, extra, phrase = _bad_inputs(tmp_path, embeddings, labels)[case]
     emb, lab = folder / "emb.npy", folder / "labels.npy"
+    ref_labels = lab
     if name == "missing":
         emb = tmp_path / "absent.npy"
     for filename, content in files.items():
@@ -211,13 +233,38 @@ def test_report_bad_input_is_one_line_and_exit_2(saved_embeddings, tmp_path, cap
         if isinstance(content, bytes):
             path.write_bytes(content)
         else:
+            path = path.with_suffix(".npy")
             np.save(path, content)
-        emb, lab = (path, lab) if filename == "emb.npy" else (emb, path)
-    extra = [str(emb) if a == "REF" else a for a in extra]
-    code = main(["report", str(emb), str(lab), "--out", str(tmp_path / "out"), *extra])
+        if filename == "emb.npy":
+            emb = path
+        elif filename == "labels.npy":
+            lab = path
+        elif filename == "ref_labels":
+            ref_labels = path
+    replace = {"OUT_FILE": tmp_path / "taken", "OUT_UNDER": tmp_path / "taken" / "out"}
+    extra = [str(replace.get(a, a)) for a in extra]
+    if "REF" in extra:
+        extra[extra.index("REF")] = str(folder / "emb.npy")
+        if "ref_labels" in files:
+            extra += ["--reference-labels", str(ref_labels)]
+    out = [] if "--out" in extra else ["--out", str(tmp_path / "out")]
+    code = main(["report", str(emb), str(lab), *out, *extra])
     assert code == 2, name
     line = _one_error_line(capsys)
     assert line.startswith("pml-tcm report: error:") and phrase in line, line
+    if name.startswith("out_"):
+        assert not (tmp_path / "taken").is_dir()
+
+
+def test_report_reads_a_fortran_order_npy(saved_embeddings, tmp_path, capsys):
+    folder, embeddings, labels = saved_embeddings
+    np.save(tmp_path / "emb_f.npy", np.asfortranarray(embeddings))
+    assert np.load(tmp_path / "emb_f.npy").flags.f_contiguous
+    lab = str(folder / "labels.npy")
+    assert main(["report", str(folder / "emb.npy"), lab, "--out", str(tmp_path / "c")]) == 0
+    plain = capsys.readouterr().out.split("wrote")[0]
+    assert main(["report", str(tmp_path / "emb_f.npy"), lab, "--out", str(tmp_path / "f")]) == 0
+    assert capsys.readouterr().out.split("wrote")[0] == plain
 
 
 def test_missing_dataset_is_one_line_and_exit_2(tmp_path, capsys):

@@ -15,7 +15,7 @@ from pytorch_metric_learning import losses
 from pml_tcm import with_tcm
 from pml_tcm.cli import main
 from pml_tcm.demo import benchmark, data
-from pml_tcm.demo.benchmark import _write_whole, benchmark_configs
+from pml_tcm.demo.benchmark import benchmark_configs
 from pml_tcm.demo.experiment import ArmConfig, build_loss
 from pml_tcm.demo.settings import (
     LOSS_NAMES,
@@ -25,6 +25,7 @@ from pml_tcm.demo.settings import (
     resolve_tcm,
     tcm_paragraph,
 )
+from pml_tcm.output_files import write_whole
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_PAGE = ROOT / "docs" / "benchmarks" / "tcm_sweep.md"
@@ -247,10 +248,10 @@ def test_a_failed_write_leaves_no_half_written_file(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        _write_whole(target, fails_midway)
+        write_whole(target, fails_midway)
     assert target.read_text() == "previous run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]
-    _write_whole(target, lambda path: path.write_text("new run"))
+    write_whole(target, lambda path: path.write_text("new run"))
     assert target.read_text() == "new run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]
 

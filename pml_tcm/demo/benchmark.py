@@ -16,14 +16,14 @@ leaves a half-written file.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..calibration import calibrate_threshold
+from ..output_files import write_whole
 from .data import OpenWorldSplit
 from .embedding_circle import embedding_circle_figure
 from .experiment import ArmConfig, ArmResult, arm_configs, run_arm
@@ -198,7 +198,7 @@ def run_benchmark(
             caption=utility_caption(base.far_range, target_far),
         )
         files.append(out / f"utility_curves_{loss_name}.png")
-        _write_whole(files[-1], lambda path, figure=figure: figure.savefig(path, dpi=120))
+        write_whole(files[-1], lambda path, figure=figure: figure.savefig(path, dpi=120))
     if circle_results:
         panels = [
             (
@@ -211,28 +211,18 @@ def run_benchmark(
         ]
         figure = embedding_circle_figure(panels, split.class_names)
         files.append(out / "embedding_circle.png")
-        _write_whole(files[-1], lambda path: figure.savefig(path, dpi=120))
+        write_whole(files[-1], lambda path: figure.savefig(path, dpi=120))
     output = BenchmarkOutput(results + circle_results, table, files, reading)
     if tcm is None:
         tcm = {name: _setting_of(base) for name in loss_names}
     markdown = _results_markdown(split, base, seeds, output, target_far, tcm)
-    _write_whole(files[0], lambda path: path.write_text(markdown))
+    write_whole(files[0], lambda path: path.write_text(markdown))
     return output
 
 
 def _setting_of(config: ArmConfig) -> TCMSetting:
     given = frozenset({"weight", "pos_margin", "neg_margin"})
     return TCMSetting(config.tcm_weight, config.pos_margin, config.neg_margin, given)
-
-
-def _write_whole(path: Path, write: Callable[[Path], object]) -> None:
-    """``write(partial)`` to a temporary name beside ``path``, then rename it to ``path``."""
-    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def _results_markdown(

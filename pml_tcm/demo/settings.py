@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..output_files import folder_problem
 
 DATASETS = ("digits", "fashion-mnist")
 LOSS_NAMES = ("multisimilarity", "arcface")
@@ -273,15 +274,9 @@ def check_writable_folder(path: Path, option: str) -> None:
     Raises:
         DemoSettingsError: it is a file, lies under a file, or is not writable.
     """
-    path = Path(path)
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        where = "is a file" if existing == path else f"lies under the file {existing}"
-        raise DemoSettingsError(f"{option} {path} {where}, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise DemoSettingsError(f"{option} {path}: no permission to write in {existing}")
+    problem = folder_problem(path, option)
+    if problem is not None:
+        raise DemoSettingsError(problem)
 
 
 def _check_unique(option: str, values: Sequence[object]) -> None:
