@@ -89,5 +89,36 @@ def as_pairs(
             "indices_tuple must be (anchors, positives, negatives) or "
             f"(anchors1, positives, anchors2, negatives), got {len(indices_tuple)} tensors"
         )
+    for k, index in enumerate(indices_tuple):
+        index = torch.as_tensor(index)
+        if index.ndim != 1 or index.is_floating_point() or index.is_complex():
+            raise ValueError(
+                f"indices_tuple[{k}] must be a 1-D integer tensor, got "
+                f"{index.dtype} of shape {tuple(index.shape)}"
+            )
+    lengths = {len(t) for t in indices_tuple[:2]} | {len(indices_tuple[-1])}
+    if len(indices_tuple) == 3 and len(lengths) != 1:
+        raise ValueError(f"indices_tuple: triplet tensors of different lengths {sorted(lengths)}")
+    if len(indices_tuple) == 4 and (
+        len(indices_tuple[0]) != len(indices_tuple[1])
+        or len(indices_tuple[2]) != len(indices_tuple[3])
+    ):
+        raise ValueError("indices_tuple: a1/p and a2/n must have the same lengths")
     pairs = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
     return tuple(to_device_async(torch.as_tensor(x), device).long() for x in pairs)
+
+
+def check_pair_range(pairs: PairIndices, num_queries: int, num_references: int) -> None:
+    """Every index of ``(a1, p, a2, n)`` inside the queries / references (a host sync).
+
+    Raises:
+        ValueError: naming the offending tensor.
+    """
+    names = ("anchors (a1)", "positives (p)", "anchors (a2)", "negatives (n)")
+    sizes = (num_queries, num_references, num_queries, num_references)
+    for name, index, size in zip(names, pairs, sizes):
+        if index.numel() and not (0 <= int(index.min()) and int(index.max()) < size):
+            raise ValueError(
+                f"indices_tuple: {name} must lie in [0, {size}), got values from "
+                f"{int(index.min())} to {int(index.max())}"
+            )

@@ -169,6 +169,9 @@ class TCMRegularizer(BaseRegularizer):
         pairs = _pml_checks.as_pairs(
             indices_tuple, labels, labels if ref_labels is None else ref_labels, embeddings.device
         )
+        if pairs is not None and self.check_inputs:
+            num_references = embeddings.shape[0] if ref_emb is None else ref_emb.shape[0]
+            _pml_checks.check_pair_range(pairs, embeddings.shape[0], num_references)
         loss, num_pos, num_neg = tcm_functional.tcm_loss_and_counts(
             embeddings,
             labels,

@@ -225,3 +225,32 @@ def test_tcm_loss_functional_with_mismatched_reference():
     x, y = _batch()
     with pytest.raises(ValueError, match="ref_labels"):
         tcm_loss(x, y, x[:5])
+
+
+@pytest.mark.parametrize(
+    "indices, phrase",
+    [
+        (
+            (torch.tensor([0, 1]), torch.tensor([2, 99]), torch.tensor([0]), torch.tensor([5])),
+            "positives (p) must lie in [0, 40)",
+        ),
+        (
+            (torch.tensor([-1]), torch.tensor([2]), torch.tensor([0]), torch.tensor([5])),
+            "anchors (a1)",
+        ),
+        (
+            (torch.tensor([0.0]), torch.tensor([2]), torch.tensor([0]), torch.tensor([5])),
+            "1-D integer",
+        ),
+        (
+            (torch.tensor([0, 1]), torch.tensor([2]), torch.tensor([0]), torch.tensor([5])),
+            "same lengths",
+        ),
+        ((torch.tensor([0]), torch.tensor([2])), "indices_tuple must be"),
+    ],
+)
+def test_bad_indices_tuple_is_a_clear_error(indices, phrase):
+    x, y = _batch()
+    with pytest.raises(ValueError) as error:
+        TCMRegularizer(**MARGINS)(x, y, indices)
+    assert phrase in str(error.value)
