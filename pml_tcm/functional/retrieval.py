@@ -1,0 +1,270 @@
+"""Exact precision@1 and MAP@R in bounded memory, without neighbour lists.
+
+The definitions are pml's (``AccuracyCalculator`` with ``avg_of_avgs=False``): for a query
+labelled ``c``, ``R`` is the number of references labelled ``c``, minus the query's own copy
+when the reference set includes the queries; queries with ``R = 0`` are left out of both
+means. Precision@1 is 1 when the most similar reference is labelled ``c``;
+``AP@R = (1/R) Σ_{k <= R} P(k) rel(k)`` over the ``R`` most similar references, ``P(k)``
+being the fraction of relevant references among the first ``k``. Each metric is the mean
+over the queries (NaN when no query has a positive). Similarity is cosine.
+
+pml asks a k-NN search for ``max R`` neighbours of every query at once (``N × max R``
+indices and distances). Here queries run in chunks against the whole reference set: the
+``(chunk, M)`` scores become integer keys that sort like the scores, tagged with relevance
+in their lowest bit; per query, a partition picks the ``R`` best keys and a sort of those
+alone gives the ranks. A relevant and an irrelevant reference with equal scores rank the
+irrelevant one first (ties never raise a metric; pml's order among equal distances is
+faiss's). The chunk size follows from ``max_bytes``; the ranking (numpy's vectorised
+partition and sort, about 20x ``torch.sort`` on CPU) runs on the host, in cache-sized
+groups of rows spread over ``num_workers`` threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import validation
+from .normalize import unit_rows
+
+RETRIEVAL_METRICS = ("precision_at_1", "mean_average_precision_at_r")
+DEFAULT_MAX_BYTES = 256 * 2**20
+GROUP_BYTES = 2**21  # score rows ranked together by one worker: about a core's cache
+SELF_SCORE = -1.5  # below every cosine similarity: a query's own copy ranks last
+
+
+class RetrievalMemoryError(MemoryError):
+    """The work of a single query does not fit the memory budget."""
+
+
+def retrieval_metrics(
+    query: Tensor,
+    query_labels: Tensor,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    ref_includes_query: bool = False,
+    include: Sequence[str] = RETRIEVAL_METRICS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    chunk_size: int | None = None,
+    num_workers: int | None = None,
+) -> dict[str, float]:
+    """Precision@1 and MAP@R of ``query`` against ``ref_emb`` (see the module docstring).
+
+    Args:
+        query: ``(N, D)`` floating point (half precision is scored in float32).
+        query_labels: ``(N,)`` integer labels.
+        ref_emb: ``(M, D)`` references on the same device, or ``None`` for the queries
+            themselves (self pairs excluded).
+        ref_labels: ``(M,)`` integer labels (with ``ref_emb``).
+        ref_includes_query: ``ref_emb[:N]`` are the queries (each query's own copy is
+            excluded), as in pml.
+        include: metrics to compute, a subset of :data:`RETRIEVAL_METRICS`.
+        max_bytes: memory budget of the temporaries (score block on the host, ranking).
+        chunk_size: at most this many query rows per chunk (``None``: as the budget allows).
+        num_workers: ranking threads (``None``: ``torch.get_num_threads()``).
+
+    Returns:
+        ``{metric: value}`` for the metrics in ``include``.
+
+    Raises:
+        ValueError: bad sets or settings.
+        RetrievalMemoryError: one query's work needs more than ``max_bytes``.
+    """
+    include = _check_include(include)
+    validation.check_chunk_size(chunk_size)
+    for name, value in (("max_bytes", max_bytes), ("num_workers", num_workers)):
+        if (value is not None or name == "max_bytes") and (
+            not validation.is_integer(value) or value < 1
+        ):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if ref_emb is None:
+        if ref_labels is not None:
+            raise ValueError("ref_labels given without ref_emb")
+        ref_emb, ref_labels, ref_includes_query = query, query_labels, True
+    _check_sets(query, query_labels, ref_emb, ref_labels, ref_includes_query)
+    with torch.no_grad():
+        return _metrics(
+            query.detach(),
+            query_labels,
+            None if ref_emb is query else ref_emb.detach(),
+            ref_labels,
+            ref_includes_query,
+            include,
+            max_bytes,
+            chunk_size,
+            num_workers or max(1, torch.get_num_threads()),
+        )
+
+
+def _metrics(
+    query: Tensor,
+    query_labels: Tensor,
+    ref_emb: Tensor | None,
+    ref_labels: Tensor,
+    ref_includes_query: bool,
+    include: tuple[str, ...],
+    max_bytes: int,
+    chunk_size: int | None,
+    num_workers: int,
+) -> dict[str, float]:
+    dtype = query.dtype if query.dtype in (torch.float32, torch.float64) else torch.float32
+    queries = unit_rows(query.to(dtype))
+    refs = queries if ref_emb is None else unit_rows(ref_emb.to(dtype))
+    query_labels = query_labels.cpu().to(torch.int64).numpy()
+    ref_labels = ref_labels.cpu().to(torch.int64).numpy()
+    classes, class_sizes = np.unique(ref_labels, return_counts=True)
+    where = np.searchsorted(classes, query_labels).clip(max=len(classes) - 1)
+    found = classes[where] == query_labels
+    positives = np.where(found, class_sizes[where], 0) - int(ref_includes_query)
+    order = np.flatnonzero(positives > 0)  # pml leaves queries without a positive out
+    if order.size == 0:
+        return dict.fromkeys(include, float("nan"))
+    order = order[np.argsort(query_labels[order], kind="stable")]
+    depth = int(positives[order].max()) if "mean_average_precision_at_r" in include else 1
+    rows, group = _plan(refs.shape[0], dtype.itemsize, depth, num_workers, max_bytes)
+    rows = min(rows, chunk_size or order.size, order.size)
+    buffer = torch.empty((rows, refs.shape[0]), dtype=dtype)
+    inverse_rank = 1.0 / np.arange(1, depth + 1, dtype=np.float64)
+
+    def rank(task: tuple[np.ndarray, int, int]) -> tuple[int, float]:
+        scores, label, r = task
+        return _rank(scores, ref_labels == label, min(r, depth), inverse_rank)
+
+    hits, precision_sum = 0, 0.0
+    with ThreadPoolExecutor(num_workers) as pool:
+        for start in range(0, order.size, rows):
+            chunk = order[start : start + rows]
+            scores = _scores(queries, refs, torch.from_numpy(chunk), buffer)
+            if ref_includes_query:
+                scores[np.arange(chunk.size), chunk] = SELF_SCORE
+            labels = query_labels[chunk]
+            bounds = [0, *(np.flatnonzero(np.diff(labels)) + 1).tolist(), chunk.size]
+            tasks = [
+                (scores[g : min(g + group, high)], labels[low], int(positives[chunk[low]]))
+                for low, high in zip(bounds[:-1], bounds[1:])
+                for g in range(low, high, group)
+            ]
+            for task_hits, task_precision in pool.map(rank, tasks):
+                hits += task_hits
+                precision_sum += task_precision
+    values = {
+        "precision_at_1": hits / order.size,
+        "mean_average_precision_at_r": precision_sum / order.size,
+    }
+    return {name: values[name] for name in include}
+
+
+def _plan(
+    num_refs: int, itemsize: int, depth: int, workers: int, max_bytes: int
+) -> tuple[int, int]:
+    """``(rows per chunk, rows per ranking group)`` within ``max_bytes``.
+
+    A chunk row costs its scores; each worker ranking a group needs the label's relevance
+    mask plus, per row, an integer copy of the scores and about 21 bytes per rank.
+    """
+    score_row = itemsize * num_refs
+
+    def ranking(group: int) -> int:
+        return workers * (num_refs + group * (score_row + 21 * depth))
+
+    group = max(1, GROUP_BYTES // score_row)
+    while group > 1 and (max_bytes - ranking(group)) // score_row < group:
+        group //= 2
+    rows = (max_bytes - ranking(group)) // score_row
+    if rows < 1:
+        need = score_row + ranking(1)
+        raise RetrievalMemoryError(
+            f"one query needs about {need / 2**20:.3g} MiB ({num_refs} references, R up to "
+            f"{depth}, {workers} workers), over the budget of {max_bytes / 2**20:.3g} MiB"
+        )
+    return rows, min(group, rows)
+
+
+def _scores(queries: Tensor, refs: Tensor, chunk: Tensor, buffer: Tensor) -> np.ndarray:
+    """``(len(chunk), M)`` similarities of the chunk's queries, in ``buffer`` (host)."""
+    block = buffer[: chunk.numel()]
+    if queries.device.type == "cpu":
+        torch.mm(queries[chunk], refs.T, out=block)
+    else:
+        block.copy_(queries[chunk.to(queries.device)] @ refs.T)
+    return block.numpy()
+
+
+def _rank(
+    scores: np.ndarray, relevant: np.ndarray, r: int, inverse_rank: np.ndarray
+) -> tuple[int, float]:
+    """Hits at 1 and the sum of AP@R (``R = r``) over the rows of ``scores`` (``(g, M)``,
+    overwritten), ``relevant`` an ``(M,)`` mask."""
+    keys = _rank_keys(scores)
+    keys += relevant  # relevant: even, right after irrelevant keys of equal score
+    keys.partition(r - 1, axis=1)
+    top = keys[:, :r]
+    top.sort(axis=1)  # the R most similar references, most similar first
+    is_relevant = top & 1 == 0
+    found = np.cumsum(is_relevant, axis=1, dtype=np.int32)
+    found *= is_relevant  # k P(k) rel(k)
+    precision = float((found @ inverse_rank[:r]).sum()) / r
+    return int(np.count_nonzero(is_relevant[:, 0])), precision
+
+
+def _rank_keys(scores: np.ndarray) -> np.ndarray:
+    """Integer keys, computed in place over ``scores``, whose ascending order is the
+    descending order of the scores: ``-2 k - 1`` with ``k`` the score's IEEE bits read as an
+    order-preserving integer (``-0.0`` and ``0.0`` share a key). Keys are odd, so adding 1
+    to a relevant reference's key ranks it right after irrelevant ones of equal score and
+    before any lower score. No overflow for ``|score| < 2``."""
+    scores += 0.0  # -0.0 becomes 0.0
+    ints = scores.view(np.int32 if scores.dtype == np.float32 else np.int64)
+    flip = ints >> (8 * ints.itemsize - 1)  # -1 where negative
+    flip &= np.iinfo(ints.dtype).max
+    ints ^= flip  # negative scores: -1 - magnitude
+    ints <<= 1
+    np.invert(ints, out=ints)  # -2 k - 1
+    return ints
+
+
+def _check_include(include: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(include, str) or not all(isinstance(m, str) for m in include):
+        raise ValueError(f"include must be a sequence of metric names, got {include!r}")
+    if not include or any(m not in RETRIEVAL_METRICS for m in include):
+        raise ValueError(f"include must name metrics from {RETRIEVAL_METRICS}, got {include!r}")
+    return tuple(include)
+
+
+def _check_sets(
+    query: Tensor,
+    query_labels: Tensor,
+    ref_emb: Tensor,
+    ref_labels: Tensor,
+    ref_includes_query: bool,
+) -> None:
+    for emb, labels, name, labels_name in (
+        (query, query_labels, "query", "query_labels"),
+        (ref_emb, ref_labels, "ref_emb", "ref_labels"),
+    ):
+        validation.check_embeddings_shape(emb, name)
+        if emb.shape[0] == 0:
+            raise ValueError(f"{name} is empty (0 rows)")
+        validation.check_labels(labels, emb.shape[0], labels_name)
+        validation.check_embeddings_values(emb, name)
+    if ref_emb.shape[1] != query.shape[1]:
+        raise ValueError(f"ref_emb has embedding size {ref_emb.shape[1]}, query {query.shape[1]}")
+    if ref_emb.device != query.device:
+        raise ValueError(f"ref_emb is on {ref_emb.device}, query on {query.device}")
+    if not isinstance(ref_includes_query, bool):
+        raise ValueError(f"ref_includes_query must be a bool, got {ref_includes_query!r}")
+    if ref_includes_query and ref_emb is not query:
+        n = query.shape[0]
+        if not (
+            ref_emb.shape[0] >= n
+            and torch.equal(ref_emb[:n].to(query.dtype), query)
+            and torch.equal(ref_labels[:n].cpu().long(), query_labels.cpu().long())
+        ):
+            raise ValueError(
+                "ref_includes_query=True needs ref_emb[:N] and ref_labels[:N] to be the "
+                "queries and their labels"
+            )

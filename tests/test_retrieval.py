@@ -1,0 +1,258 @@
+"""Bounded-memory precision@1 and MAP@R: equal to pml's AccuracyCalculator, to a naive
+float64 ranking (ties included), memory budget, bad input."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+from pml_tcm.functional.retrieval import (
+    RETRIEVAL_METRICS,
+    SELF_SCORE,
+    RetrievalMemoryError,
+    _rank_keys,
+    retrieval_metrics,
+)
+
+CPU = torch.device("cpu")
+P1, MAP = RETRIEVAL_METRICS
+
+
+def clustered(seed, sizes, dim=8, spread=1.5):
+    """Rows around one centre per class; ``sizes[c]`` rows of class ``c``, shuffled."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    labels = labels[torch.randperm(len(labels), generator=gen)]
+    centres = torch.randn(len(sizes), dim, generator=gen)
+    return centres[labels] + spread * torch.randn(len(labels), dim, generator=gen), labels
+
+
+def unit64(x):
+    x = x.double()
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def pml_metrics(query, query_labels, reference=None, reference_labels=None, includes=False):
+    """pml's own numbers (faiss k-NN on the L2-normalised rows, k = max bin count)."""
+    calc = AccuracyCalculator(include=RETRIEVAL_METRICS, k="max_bin_count", device=CPU)
+    ref = None if reference is None else unit64(reference).float()
+    return calc.get_accuracy(unit64(query).float(), query_labels, ref, reference_labels, includes)
+
+
+def min_gap(query, reference, self_offset):
+    """Smallest difference between two scores of one query row (float64): far above
+    float32 rounding, pml's faiss search and our float32 ranking see the same order."""
+    scores = unit64(query) @ unit64(reference).T
+    if self_offset is not None:
+        scores[torch.arange(len(query)), torch.arange(len(query)) + self_offset] = -5
+    ordered = scores.sort(dim=1).values
+    return float((ordered[:, 1:] - ordered[:, :-1]).min())
+
+
+def naive(query, query_labels, reference, reference_labels, self_offset):
+    """pml's definitions on a float64 ranking written out per query; an irrelevant
+    reference with the same score as a relevant one ranks first."""
+    scores = (unit64(query) @ unit64(reference).T).tolist()
+    hits, precisions = [], []
+    for i, row in enumerate(scores):
+        candidates = [j for j in range(len(row)) if self_offset is None or j != i + self_offset]
+        relevant = {j for j in candidates if reference_labels[j] == query_labels[i]}
+        r = len(relevant)
+        if r == 0:
+            continue
+        ranked = sorted(candidates, key=lambda j: (-row[j], j in relevant))[:r]
+        found, total = 0, 0.0
+        for k, j in enumerate(ranked, start=1):
+            if j in relevant:
+                found += 1
+                total += found / k
+        hits.append(float(ranked[0] in relevant))
+        precisions.append(total / r)
+    if not hits:
+        return {P1: math.nan, MAP: math.nan}
+    return {P1: sum(hits) / len(hits), MAP: sum(precisions) / len(precisions)}
+
+
+def assert_same(got, expected, tol=1e-12):
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, abs=tol, nan_ok=True), name
+
+
+# ----------------------------------------------------------------- against pml's numbers
+
+PML_CASES = {
+    # name: (seed, class sizes, reference class sizes or None, extra references with
+    # ref_includes_query)
+    "balanced": (5, [12, 12, 12, 12], None, 0),
+    "two_classes": (1, [30, 25], None, 0),
+    "unequal_with_singletons": (2, [20, 9, 3, 1, 1, 6], None, 0),
+    "reference_set": (3, [10, 14, 6, 5], [9, 4, 12, 0, 3], 0),
+    "reference_includes_queries": (4, [8, 11, 5], None, 15),
+}
+
+
+@pytest.mark.parametrize("name", PML_CASES)
+@pytest.mark.parametrize("chunk_size", [None, 1, 7])
+def test_equals_pml_accuracy_calculator(name, chunk_size):
+    seed, sizes, ref_sizes, extra = PML_CASES[name]
+    x, y = clustered(seed, sizes)
+    if ref_sizes is not None:
+        # class 3 has no reference: those queries have no positive and are left out
+        ref, ref_y = clustered(seed + 100, ref_sizes)
+        assert min_gap(x, ref, None) > 1e-6
+        expected = pml_metrics(x, y, ref, ref_y)
+        got = retrieval_metrics(x, y, ref, ref_y, chunk_size=chunk_size)
+    elif extra:
+        more, more_y = clustered(seed + 100, [extra // 3, extra - extra // 3])
+        ref, ref_y = torch.cat([x, more]), torch.cat([y, more_y])
+        assert min_gap(x, ref, 0) > 1e-6
+        expected = pml_metrics(x, y, ref, ref_y, includes=True)
+        got = retrieval_metrics(x, y, ref, ref_y, ref_includes_query=True, chunk_size=chunk_size)
+    else:
+        assert min_gap(x, x, 0) > 1e-6
+        expected = pml_metrics(x, y)
+        got = retrieval_metrics(x, y, chunk_size=chunk_size)
+    assert_same(got, expected)
+
+
+def test_no_query_with_a_positive_is_nan_like_pml():
+    x, y = clustered(5, [1, 1, 1, 1])  # singletons against themselves
+    expected = pml_metrics(x, y)
+    assert all(math.isnan(v) for v in expected.values())
+    assert_same(retrieval_metrics(x, y), expected)
+    ref, ref_y = clustered(6, [4, 4])
+    assert_same(retrieval_metrics(x, y + 2, ref, ref_y), {P1: math.nan, MAP: math.nan})
+
+
+# ------------------------------------------------------------ against a naive float64 ranking
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk_size", [None, 5, 64])
+def test_equals_naive_ranking_on_larger_sets(dtype, chunk_size):
+    x, y = clustered(7, [90, 60, 30, 12, 5, 2, 1], dim=16, spread=2.0)
+    ref, ref_y = clustered(8, [50, 0, 40, 10, 3, 1, 9], dim=16, spread=2.0)
+    self_expected = naive(x, y.tolist(), x, y.tolist(), 0)
+    ref_expected = naive(x, y.tolist(), ref, ref_y.tolist(), None)
+    tol = 1e-12 if dtype == torch.float64 else 1e-3  # float32: near-ties may swap
+    assert_same(retrieval_metrics(x.to(dtype), y, chunk_size=chunk_size), self_expected, tol)
+    got = retrieval_metrics(x.to(dtype), y, ref.to(dtype), ref_y, chunk_size=chunk_size)
+    assert_same(got, ref_expected, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_ties_rank_the_irrelevant_reference_first(dtype):
+    # signed axis vectors: every score is exactly -1, 0 or 1, so most scores tie
+    gen = torch.Generator().manual_seed(9)
+    axes = torch.cat([torch.eye(3), -torch.eye(3)])
+    x = axes[torch.randint(0, 6, (70,), generator=gen)] * 3.0
+    y = torch.randint(0, 4, (70,), generator=gen)
+    ref = axes[torch.randint(0, 6, (40,), generator=gen)]
+    ref_y = torch.randint(0, 4, (40,), generator=gen)
+    for chunk_size in (None, 3):
+        got = retrieval_metrics(x.to(dtype), y, chunk_size=chunk_size)
+        assert_same(got, naive(x, y.tolist(), x, y.tolist(), 0))
+        got = retrieval_metrics(x.to(dtype), y, ref.to(dtype), ref_y, chunk_size=chunk_size)
+        assert_same(got, naive(x, y.tolist(), ref, ref_y.tolist(), None))
+
+
+def test_scale_and_grad_do_not_matter():
+    x, y = clustered(10, [20, 15, 10])
+    expected = naive(x, y.tolist(), x, y.tolist(), 0)
+    assert_same(retrieval_metrics(x.double() * 1e200, y), expected)
+    assert_same(retrieval_metrics(x.double().requires_grad_(), y), expected)
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def test_memory_budget_picks_chunks_or_refuses():
+    x, y = clustered(11, [200, 100])
+    expected = naive(x, y.tolist(), x, y.tolist(), 0)
+    # 300 references: a float32 score row is 1200 bytes; one worker ranks with an integer
+    # copy of the row, the relevance mask and about 21 bytes per rank (R up to 199)
+    budget = functools.partial(retrieval_metrics, x, y, num_workers=1)
+    assert_same(budget(max_bytes=40_000), expected, 1e-3)  # a few rows per chunk
+    with pytest.raises(RetrievalMemoryError, match="over the budget"):
+        budget(max_bytes=4000)
+    # precision@1 alone ranks one key per query: it fits where MAP@R does not
+    assert_same(budget(include=(P1,), max_bytes=4000), {P1: expected[P1]}, 1e-3)
+    with pytest.raises(RetrievalMemoryError):
+        budget(include=(P1,), max_bytes=2000)
+
+
+def test_rank_keys_sort_like_the_scores_descending():
+    special = [0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 0.5, -0.5, SELF_SCORE, 1.0 + 2**-20]
+    for dtype in (np.float32, np.float64):
+        scores = np.concatenate([special, np.random.default_rng(13).uniform(-1, 1, 200)]).astype(
+            dtype
+        )
+        keys = _rank_keys(scores.copy()[None])[0]
+        assert keys.dtype.itemsize == scores.dtype.itemsize and (keys & 1 == 1).all()
+        # a < b as keys exactly when a > b as scores (0.0 == -0.0)
+        assert np.array_equal(keys[:, None] < keys[None, :], scores[:, None] > scores[None, :])
+        assert np.array_equal(keys[:, None] == keys[None, :], scores[:, None] == scores[None, :])
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, phrase",
+    [
+        ({"include": ("recall",)}, "include"),
+        ({"include": ()}, "include"),
+        ({"include": "precision_at_1"}, "include"),
+        ({"max_bytes": 0}, "max_bytes"),
+        ({"max_bytes": 2.5}, "max_bytes"),
+        ({"max_bytes": True}, "max_bytes"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"num_workers": 0}, "num_workers"),
+        ({"ref_labels": torch.zeros(30, dtype=torch.long)}, "ref_labels"),
+        ({"ref_emb": torch.randn(30, 5), "ref_labels": torch.zeros(30).long()}, "embedding size"),
+        ({"ref_emb": torch.randn(30, 4), "ref_labels": torch.zeros(29).long()}, "ref_labels"),
+        (
+            {
+                "ref_emb": torch.randn(40, 4),
+                "ref_labels": torch.zeros(40).long(),
+                "ref_includes_query": True,
+            },
+            "ref_includes_query",
+        ),
+        (
+            {
+                "ref_emb": torch.randn(30, 4),
+                "ref_labels": torch.zeros(30).long(),
+                "ref_includes_query": 1,
+            },
+            "ref_includes_query",
+        ),
+    ],
+)
+def test_bad_settings_name_the_argument(kwargs, phrase):
+    x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    with pytest.raises(ValueError, match=phrase):
+        retrieval_metrics(x, y, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "query, labels, phrase",
+    [
+        (torch.randn(30), torch.zeros(30).long(), "2-D"),
+        (torch.randn(0, 4), torch.zeros(0).long(), "empty"),
+        (torch.randint(0, 3, (30, 4)), torch.zeros(30).long(), "floating"),
+        (torch.randn(30, 4), torch.zeros(30), "integer"),
+        (torch.randn(30, 4), torch.zeros(29).long(), "query_labels"),
+        (torch.full((30, 4), float("nan")), torch.zeros(30).long(), "NaN"),
+        (torch.zeros(30, 4), torch.zeros(30).long(), "zero-norm"),
+    ],
+)
+def test_bad_sets_name_the_argument(query, labels, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        retrieval_metrics(query, labels)
