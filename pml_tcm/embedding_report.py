@@ -1,6 +1,7 @@
 """``pml-tcm report``: accuracy, OPIS and a calibrated threshold for saved embeddings.
 
-For embeddings a user saved from any model (``.npy``): R@1, MAP@R, OPIS and ε-OPIS
+For embeddings a user saved from any model (``.npy``): R@1 and MAP@R (exact, in bounded
+memory: :func:`pml_tcm.functional.retrieval.retrieval_metrics`), OPIS and ε-OPIS
 (through :class:`pml_tcm.OPISAccuracyCalculator`), the global threshold for a target FAR
 with the per-class FAR/FRR spread (:func:`pml_tcm.calibration.calibrate_threshold`), the
 worst classes, and the utility-curve PNG (:func:`pml_tcm.plotting.plot_utility_curves`).
@@ -9,7 +10,7 @@ Embeddings are L2-normalised first, as pml's testers do, so every number is cosi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from .accuracy import OPISAccuracyCalculator
 from .calibration import CalibrationReport, calibrate_threshold
 from .functional.normalize import unit_rows
 from .functional.opis import OPISResult
+from .functional.retrieval import RETRIEVAL_METRICS, RetrievalMemoryError, retrieval_metrics
 from .output_files import folder_problem, write_whole
 
 REPORT_METRICS = ("precision_at_1", "mean_average_precision_at_r", "opis", "eps_opis")
@@ -39,6 +41,7 @@ class EmbeddingReport:
         num_queries: number of query embeddings.
         num_references: number of reference embeddings (the queries when no reference
             set is given).
+        notes: one line per metric skipped (NaN in ``metrics``) and why.
     """
 
     metrics: dict[str, float]
@@ -46,6 +49,7 @@ class EmbeddingReport:
     calibration: CalibrationReport
     num_queries: int
     num_references: int
+    notes: list[str] = field(default_factory=list)
 
     def worst_classes(self, count: int) -> list[tuple[int | float, float, float, float]]:
         """``(label, mean utility, FAR, FRR)`` of the ``count`` classes with the lowest
@@ -77,6 +81,7 @@ class EmbeddingReport:
             f"OPIS      {self.metrics['opis']:.4g}  (calibration range: similarity "
             f"{low:.4f} .. {high:.4f})",
             f"eps-OPIS  {self.metrics['eps_opis']:.4g}  (epsilon {result.epsilon:g})",
+            *self.notes,
             "",
             self.calibration.summary(),
             "",
@@ -153,7 +158,9 @@ def compute_report(
     """The report for in-memory arrays (see :func:`report_embeddings`).
 
     Without a reference set the embeddings are their own references, self pairs
-    excluded. Everything (pml's k-NN metrics, OPIS, calibration) runs on ``device``.
+    excluded. Everything (R@1 and MAP@R, OPIS, calibration) runs on ``device``; R@1 and
+    MAP@R rank on the host and are skipped (NaN, with a note) when one query's ranking
+    does not fit their memory budget.
 
     Raises:
         ValueError: bad settings or sets (e.g. a single class: no negative pair).
@@ -174,11 +181,14 @@ def compute_report(
         references = unit_rows(references)
         ref_labels, ref_includes_query = torch.as_tensor(reference_labels).to(device), False
     calculator = OPISAccuracyCalculator(
-        far_range=far_range, include=REPORT_METRICS, k="max_bin_count", device=device
+        far_range=far_range, include=("opis", "eps_opis"), device=device
     )
     accuracies = calculator.get_accuracy(
         queries, query_labels, references, ref_labels, ref_includes_query
     )
+    # R@1 and MAP@R in bounded memory (pml's k-NN search holds N x max R neighbours)
+    knn, notes = _retrieval_metrics(queries, query_labels, references, ref_labels)
+    accuracies.update(knn)
     calibration = calibrate_threshold(
         queries,
         query_labels,
@@ -192,6 +202,7 @@ def compute_report(
         calibration,
         len(queries),
         len(references),
+        notes,
     )
 
 
@@ -210,6 +221,26 @@ def _require_positive_pairs(labels: np.ndarray, reference_labels: np.ndarray | N
             "the reference set shares no class with the embeddings: no query has a "
             "positive pair, so R@1, MAP@R and OPIS are undefined"
         )
+
+
+def _retrieval_metrics(
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    references: torch.Tensor,
+    ref_labels: torch.Tensor,
+) -> tuple[dict[str, float], list[str]]:
+    """R@1 and MAP@R; those that do not fit the memory budget are NaN, with a note."""
+    refs = (None, None) if references is queries else (references, ref_labels)
+    nan = float("nan")
+    try:
+        return retrieval_metrics(queries, query_labels, *refs), []
+    except RetrievalMemoryError as error:
+        note = f"MAP@R     skipped: {error}"
+    try:
+        values = retrieval_metrics(queries, query_labels, *refs, include=("precision_at_1",))
+    except RetrievalMemoryError as error:
+        return dict.fromkeys(RETRIEVAL_METRICS, nan), [f"R@1, MAP@R skipped: {error}"]
+    return {**values, "mean_average_precision_at_r": nan}, [note]
 
 
 def report_embeddings(

@@ -1,5 +1,5 @@
 """Bounded-memory precision@1 and MAP@R: equal to pml's AccuracyCalculator, to a naive
-float64 ranking (ties included), memory budget, bad input."""
+float64 ranking (ties included), memory budget, bad input, and the report's skip note."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
+import pml_tcm.embedding_report as embedding_report
 from pml_tcm.functional.retrieval import (
     RETRIEVAL_METRICS,
     SELF_SCORE,
@@ -185,6 +186,30 @@ def test_memory_budget_picks_chunks_or_refuses():
     assert_same(budget(include=(P1,), max_bytes=4000), {P1: expected[P1]}, 1e-3)
     with pytest.raises(RetrievalMemoryError):
         budget(include=(P1,), max_bytes=2000)
+
+
+def test_report_skips_what_does_not_fit_with_one_line(monkeypatch):
+    x, y = clustered(12, [200, 100])
+    full = embedding_report.compute_report(x.numpy(), y.numpy().astype(np.int64))
+    assert full.notes == []
+    assert_same(
+        {k: full.metrics[k] for k in RETRIEVAL_METRICS},
+        pml_metrics(x, y),
+        1e-3,  # float32 near-ties
+    )
+    for budget, skipped in ((4000, [MAP]), (2000, [P1, MAP])):
+        small = functools.partial(
+            embedding_report.retrieval_metrics, max_bytes=budget, num_workers=1
+        )
+        monkeypatch.setattr(embedding_report, "retrieval_metrics", small)
+        report = embedding_report.compute_report(x.numpy(), y.numpy().astype(np.int64))
+        assert [k for k in RETRIEVAL_METRICS if math.isnan(report.metrics[k])] == skipped
+        assert len(report.notes) == 1 and "skipped" in report.notes[0]
+        assert "\n" not in report.notes[0]
+        assert report.notes[0] in report.text(3)
+        assert report.metrics["opis"] == full.metrics["opis"]
+        if skipped == [MAP]:
+            assert report.metrics[P1] == full.metrics[P1]
 
 
 def test_rank_keys_sort_like_the_scores_descending():
