@@ -5,7 +5,7 @@ self-pair conventions), ``labels`` (dense class ids), ``normalize`` (unit rows),
 ``validation`` (input checks), ``opis`` (the OPIS metric), ``streaming`` (pairs of query
 chunks), ``counting`` (grid histograms), ``far_search`` (exact FAR thresholds),
 ``collectives`` (``torch.distributed``), ``calibration`` (one threshold for a target FAR
-or FRR).
+or FRR), ``retrieval`` (precision@1 and MAP@R in bounded memory).
 """
 
 from .labels import dense_class_ids
@@ -19,6 +19,7 @@ from .opis import (
     threshold_grid,
 )
 from .pairs import pair_masks, self_pair_columns, self_pair_diagonal
+from .retrieval import RETRIEVAL_METRICS, RetrievalMemoryError, retrieval_metrics
 from .tcm import hard_pair_masks, tcm_hard_pairs, tcm_loss, tcm_loss_and_counts
 
 __all__ = [
@@ -32,6 +33,9 @@ __all__ = [
     "threshold_grid",
     "hard_pair_masks",
     "pair_masks",
+    "RETRIEVAL_METRICS",
+    "RetrievalMemoryError",
+    "retrieval_metrics",
     "self_pair_columns",
     "self_pair_diagonal",
     "tcm_hard_pairs",
