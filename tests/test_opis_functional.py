@@ -19,6 +19,7 @@ from pml_tcm.functional.opis import (
     opis_update,
     threshold_grid,
 )
+from pml_tcm.functional.streaming import PairStream
 
 
 def euclidean(queries, references):
@@ -143,6 +144,51 @@ def check_against_naive(p):
 @given(problems())
 def test_matches_naive_reference(p):
     check_against_naive(p)
+
+
+@pytest.mark.parametrize("mode", ["self", "separate", "includes"])
+def test_both_ways_of_finding_positives_match_naive(mode, monkeypatch):
+    # with few classes more pairs share a label than pass the floor, and the positives are
+    # looked up among the pairs that pass; with many classes they are gathered by position
+    calls = {"_positives_among": 0, "_same_label_positions": 0}
+    for name in calls:
+        original = getattr(PairStream, name)
+
+        def spy(self, *args, _original=original, _name=name):
+            calls[_name] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(PairStream, name, spy)
+    gen = torch.Generator().manual_seed(21)
+    for classes in (2, 60):
+        queries = torch.randn(200, 8, generator=gen)
+        labels = torch.randint(0, classes, (200,), generator=gen)
+        more = torch.randn(80, 8, generator=gen)
+        more_labels = torch.randint(0, classes, (80,), generator=gen)
+        references, reference_labels = {
+            "self": (None, None),
+            "separate": (more, more_labels),
+            "includes": (torch.cat([queries, more]), torch.cat([labels, more_labels])),
+        }[mode]
+        check_against_naive(
+            dict(
+                queries=queries,
+                query_labels=labels,
+                references=references,
+                reference_labels=reference_labels,
+                ref_includes_query=mode == "includes",
+                distance="cosine",
+                chunk_size=64,
+                explicit=False,
+                far_range=(1e-3, 1e-2),
+                num_thresholds=50,
+                beta=1.0,
+                epsilon=0.1,
+                collect_limit=1 << 24,
+                retain_limit=0,
+            )
+        )
+    assert calls["_positives_among"] > 0 and calls["_same_label_positions"] > 0
 
 
 @pytest.mark.parametrize("distance", ["cosine", "euclidean"])

@@ -19,9 +19,10 @@ as 64-bit words and over the few words holding a hit give the flat positions
 ``row · M + column`` of the pairs ``>= floor``. Their scores are gathered with
 ``index_select`` and stored with a count per query row (a pair's class is its row's
 class), no label per pair. The positive pairs (same label, self pair excluded) and the
-self pairs are gathered directly from the block at positions known from the labels,
-so the negatives are never separated: every count of negatives is all pairs minus
-positives minus self pairs.
+self pairs are gathered directly from the block at positions known from the labels (or,
+when a chunk has more same-label pairs than pairs above the floor, as with few classes,
+the positives are found among the latter by their labels), so the negatives are never
+separated: every count of negatives is all pairs minus positives minus self pairs.
 """
 
 from __future__ import annotations
@@ -162,6 +163,7 @@ class PairStream:
         self._score_buffer: Tensor | None = None
         self._mask_buffer: Tensor | None = None
         self._same_label_layout: tuple[Tensor, Tensor, Tensor] | None = None
+        self._positive_pair_ends: list[int] | None = None
 
     @property
     def num_references(self) -> int:
@@ -233,16 +235,21 @@ class PairStream:
         within = hit_bytes.nonzero().squeeze(1)  # 8 · (index in hit_words) + byte
         return hit_words.index_select(0, within >> 3) * 8 + (within & 7)
 
-    def _same_label_positions(self, start: int, end: int) -> tuple[Tensor, Tensor]:
-        """``(rows, columns)`` of the positive pairs of queries ``[start, end)`` (same label,
-        self pair excluded), rows relative to ``start``."""
+    def _label_layout(self) -> tuple[Tensor, Tensor, Tensor]:
+        """References sorted by label (``order``) and, per class, where its references
+        start in that order (``first``) and how many there are (``count``)."""
         if self._same_label_layout is None:
             order = torch.argsort(self.reference_labels, stable=True)
             sorted_labels = self.reference_labels.index_select(0, order)
             first = torch.searchsorted(sorted_labels, self.classes)
             count = torch.searchsorted(sorted_labels, self.classes, right=True) - first
             self._same_label_layout = (order, first, count)
-        order, first, count = self._same_label_layout
+        return self._same_label_layout
+
+    def _same_label_positions(self, start: int, end: int) -> tuple[Tensor, Tensor]:
+        """``(rows, columns)`` of the positive pairs of queries ``[start, end)`` (same label,
+        self pair excluded), rows relative to ``start``."""
+        order, first, count = self._label_layout()
         row_class = self.query_class[start:end]
         lengths = count.index_select(0, row_class)
         device = row_class.device
@@ -257,6 +264,32 @@ class PairStream:
             )
             rows, columns = rows.index_select(0, keep), columns.index_select(0, keep)
         return rows, columns
+
+    def _positive_pairs(self, start: int, end: int) -> int:
+        """Same-label pairs of queries ``[start, end)`` (self pairs included): a host-side
+        count (one copy to the host per stream), to pick the cheaper positive gather."""
+        if self._positive_pair_ends is None:
+            per_row = self._label_layout()[2].index_select(0, self.query_class)
+            self._positive_pair_ends = torch.cumsum(per_row, 0).cpu().tolist()
+        ends = self._positive_pair_ends
+        return ends[end - 1] - (ends[start - 1] if start else 0) if end > start else 0
+
+    def _positives_among(
+        self, positions: Tensor, values: Tensor, start: int
+    ) -> tuple[Tensor, Tensor]:
+        """The positive pairs among the pairs at ``positions`` (row-major, rows relative to
+        ``start``) with scores ``values``, by looking up both labels of each pair: cheaper
+        than :meth:`_same_label_positions` when the positives outnumber these pairs (few
+        classes). Returns ``(scores, rows)``."""
+        rows = torch.div(positions, self.num_references, rounding_mode="floor")
+        columns = positions - rows * self.num_references
+        positive = self.query_labels.index_select(0, rows + start) == (
+            self.reference_labels.index_select(0, columns)
+        )
+        if self.self_offset is not None:
+            positive &= columns != self_pair_columns(rows, start + self.self_offset)
+        kept = positive.nonzero().squeeze(1)
+        return values.index_select(0, kept), rows.index_select(0, kept)
 
     def _self_positions(self, start: int, end: int) -> tuple[Tensor, Tensor]:
         """``(rows, columns)`` of the self pairs of queries ``[start, end)`` (rows relative)."""
@@ -286,7 +319,10 @@ class PairStream:
             kept = (scores >= floor_value).nonzero().squeeze(1)
             return scores.index_select(0, kept), rows.index_select(0, kept)
 
-        positive_values, positive_rows = gather(*self._same_label_positions(start, end))
+        if self._positive_pairs(start, end) <= positions.numel():
+            positive_values, positive_rows = gather(*self._same_label_positions(start, end))
+        else:  # few classes: fewer pairs pass the floor than there are positives
+            positive_values, positive_rows = self._positives_among(positions, values, start)
         self_values, self_rows = gather(*self._self_positions(start, end))
         return ChunkPairs(
             start=start,
