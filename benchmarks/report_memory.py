@@ -1,0 +1,134 @@
+"""Time and peak memory of ``pml-tcm report``'s metrics on large sets with few classes.
+
+Few classes are the hard case for MAP@R: ``R`` (the references sharing the query's label)
+is about ``N / classes`` for every query. For each ``(N, D, classes)`` (float32, queries =
+references, class centres plus Gaussian noise) these run, each in a fresh subprocess:
+
+* ``report``: :func:`pml_tcm.embedding_report.compute_report`, the whole report path
+  (R@1, MAP@R, OPIS, ε-OPIS, calibration);
+* ``knn``: :func:`pml_tcm.functional.retrieval.retrieval_metrics` alone (R@1 and MAP@R);
+* ``pml`` (only with ``--pml``): pml's ``AccuracyCalculator`` with
+  ``k="max_bin_count"`` for the same two metrics (faiss k-NN with ``k = max R`` for every
+  query at once; about ``N · R · 12`` bytes, 12.5 GB at 20 000 × 64 with 2 classes).
+
+Peak RSS is the child's whole peak resident set (``ru_maxrss``: interpreter, torch and the
+data included); "growth" is that peak minus the resident set just before the call. Linux.
+
+Usage::
+
+    python benchmarks/report_memory.py                        # 20k x 64 and 100k x 128, 2 classes
+    python benchmarks/report_memory.py --sets 20000,64,2 --pml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+DEFAULT_SETS = ("20000,64,2", "100000,128,2")
+
+
+def make_data(n: int, dim: int, classes: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, classes, (n,), generator=gen)
+    centres = torch.randn(classes, dim, generator=gen)
+    embeddings = centres[labels] + 3.0 * torch.randn(n, dim, generator=gen)
+    return embeddings, labels
+
+
+def run_report(x, y) -> dict:
+    from pml_tcm.embedding_report import compute_report
+
+    report = compute_report(x.numpy(), y.numpy())
+    return dict(report.metrics)
+
+
+def run_knn(x, y) -> dict:
+    from pml_tcm.functional.retrieval import retrieval_metrics
+
+    return retrieval_metrics(x, y)
+
+
+def run_pml(x, y) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    calculator = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r"),
+        k="max_bin_count",
+        device=torch.device("cpu"),
+    )
+    return calculator.get_accuracy(F.normalize(x, dim=1), y)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def child(kind: str, n: int, dim: int, classes: int) -> None:
+    runs = {"report": run_report, "knn": run_knn, "pml": run_pml}
+    x, y = make_data(n, dim, classes)
+    before = rss_mb()
+    start = time.perf_counter()
+    info = runs[kind](x, y)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    info = {k: float(v) for k, v in info.items()}
+    info.update(seconds=seconds, peak_mb=peak, growth_mb=peak - before)
+    print(json.dumps(info))
+
+
+def measure(kind: str, n: int, dim: int, classes: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", kind, str(n), str(dim), str(classes)],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        reason = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+        return {"failed": reason}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", nargs="+", default=list(DEFAULT_SETS), help="N,D,classes")
+    parser.add_argument("--pml", action="store_true", help="also pml's AccuracyCalculator")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], *map(int, args.child[1:]))
+        return
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
+    print("| N | D | classes | path | time (s) | peak RSS (MB) | growth (MB) | R@1 | MAP@R |")
+    print("|---" * 9 + "|")
+    for spec in args.sets:
+        n, dim, classes = map(int, spec.split(","))
+        for kind in ("knn", "report") + (("pml",) if args.pml else ()):
+            r = measure(kind, n, dim, classes)
+            if "failed" in r:
+                print(f"| {n} | {dim} | {classes} | {kind} | failed: {r['failed']} |||||")
+                continue
+            print(
+                f"| {n} | {dim} | {classes} | {kind} | {r['seconds']:.1f} | {r['peak_mb']:.0f} "
+                f"| {r['growth_mb']:.0f} | {r['precision_at_1']:.4f} "
+                f"| {r['mean_average_precision_at_r']:.4f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
