@@ -163,6 +163,23 @@ def test_ties_rank_the_irrelevant_reference_first(dtype):
         assert_same(got, naive(x, y.tolist(), ref, ref_y.tolist(), None))
 
 
+@pytest.mark.parametrize(
+    "to_labels",
+    [
+        lambda y: y + 2**62,  # distinct int64 labels that share one float32 value
+        lambda y: torch.from_numpy(y.numpy().astype(np.uint64) + np.uint64(2**63)),
+        lambda y: y * 0.5 - 0.25,  # non-integral floats
+        lambda y: torch.stack([y % 2, y // 2], dim=1),  # label rows
+    ],
+)
+def test_labels_of_any_dtype_compare_by_value(to_labels):
+    x, y = clustered(14, [20, 15, 10, 5])
+    ref, ref_y = clustered(15, [10, 10, 5, 5])
+    assert_same(retrieval_metrics(x, to_labels(y)), naive(x, y.tolist(), x, y.tolist(), 0))
+    got = retrieval_metrics(x, to_labels(y), ref, to_labels(ref_y))
+    assert_same(got, naive(x, y.tolist(), ref, ref_y.tolist(), None))
+
+
 def test_scale_and_grad_do_not_matter():
     x, y = clustered(10, [20, 15, 10])
     expected = naive(x, y.tolist(), x, y.tolist(), 0)
@@ -272,7 +289,8 @@ def test_bad_settings_name_the_argument(kwargs, phrase):
         (torch.randn(30), torch.zeros(30).long(), "2-D"),
         (torch.randn(0, 4), torch.zeros(0).long(), "empty"),
         (torch.randint(0, 3, (30, 4)), torch.zeros(30).long(), "floating"),
-        (torch.randn(30, 4), torch.zeros(30), "integer"),
+        (torch.randn(30, 4), torch.full((30,), float("nan")), "NaN"),
+        (torch.randn(30, 4), torch.zeros(30, dtype=torch.complex64), "real"),
         (torch.randn(30, 4), torch.zeros(29).long(), "query_labels"),
         (torch.full((30, 4), float("nan")), torch.zeros(30).long(), "NaN"),
         (torch.zeros(30, 4), torch.zeros(30).long(), "zero-norm"),

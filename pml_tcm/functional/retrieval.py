@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import validation
+from .labels import dense_class_ids
 from .normalize import unit_rows
 
 RETRIEVAL_METRICS = ("precision_at_1", "mean_average_precision_at_r")
@@ -56,10 +57,11 @@ def retrieval_metrics(
 
     Args:
         query: ``(N, D)`` floating point (half precision is scored in float32).
-        query_labels: ``(N,)`` integer labels.
+        query_labels: ``(N,)`` labels (or ``(N, K)`` label rows) of any real dtype,
+            compared by value (:func:`~pml_tcm.functional.labels.dense_class_ids`).
         ref_emb: ``(M, D)`` references on the same device, or ``None`` for the queries
             themselves (self pairs excluded).
-        ref_labels: ``(M,)`` integer labels (with ``ref_emb``).
+        ref_labels: ``(M,)`` labels (with ``ref_emb``), like ``query_labels``.
         ref_includes_query: ``ref_emb[:N]`` are the queries (each query's own copy is
             excluded), as in pml.
         include: metrics to compute, a subset of :data:`RETRIEVAL_METRICS`.
@@ -86,12 +88,17 @@ def retrieval_metrics(
             raise ValueError("ref_labels given without ref_emb")
         ref_emb, ref_labels, ref_includes_query = query, query_labels, True
     _check_sets(query, query_labels, ref_emb, ref_labels, ref_includes_query)
+    same = ref_emb is query
+    names = ["query_labels"] if same else ["query_labels", "ref_labels"]
+    ids, _ = dense_class_ids([query_labels, ref_labels][: len(names)], names)
+    if ref_includes_query and not same and not torch.equal(ids[1][: len(ids[0])], ids[0]):
+        raise ValueError("ref_includes_query=True needs ref_labels[:N] to be query_labels")
     with torch.no_grad():
         return _metrics(
             query.detach(),
-            query_labels,
-            None if ref_emb is query else ref_emb.detach(),
-            ref_labels,
+            ids[0],
+            None if same else ref_emb.detach(),
+            ids[-1],
             ref_includes_query,
             include,
             max_bytes,
@@ -114,8 +121,7 @@ def _metrics(
     dtype = query.dtype if query.dtype in (torch.float32, torch.float64) else torch.float32
     queries = unit_rows(query.to(dtype))
     refs = queries if ref_emb is None else unit_rows(ref_emb.to(dtype))
-    query_labels = query_labels.cpu().to(torch.int64).numpy()
-    ref_labels = ref_labels.cpu().to(torch.int64).numpy()
+    query_labels, ref_labels = query_labels.cpu().numpy(), ref_labels.cpu().numpy()
     classes, class_sizes = np.unique(ref_labels, return_counts=True)
     where = np.searchsorted(classes, query_labels).clip(max=len(classes) - 1)
     found = classes[where] == query_labels
@@ -249,7 +255,11 @@ def _check_sets(
         validation.check_embeddings_shape(emb, name)
         if emb.shape[0] == 0:
             raise ValueError(f"{name} is empty (0 rows)")
-        validation.check_labels(labels, emb.shape[0], labels_name)
+        if not isinstance(labels, Tensor) or labels.shape[:1] != emb.shape[:1]:
+            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(
+                f"{labels_name} must be a tensor of {emb.shape[0]} labels, got {shape}"
+            )
         validation.check_embeddings_values(emb, name)
     if ref_emb.shape[1] != query.shape[1]:
         raise ValueError(f"ref_emb has embedding size {ref_emb.shape[1]}, query {query.shape[1]}")
@@ -259,12 +269,5 @@ def _check_sets(
         raise ValueError(f"ref_includes_query must be a bool, got {ref_includes_query!r}")
     if ref_includes_query and ref_emb is not query:
         n = query.shape[0]
-        if not (
-            ref_emb.shape[0] >= n
-            and torch.equal(ref_emb[:n].to(query.dtype), query)
-            and torch.equal(ref_labels[:n].cpu().long(), query_labels.cpu().long())
-        ):
-            raise ValueError(
-                "ref_includes_query=True needs ref_emb[:N] and ref_labels[:N] to be the "
-                "queries and their labels"
-            )
+        if not (ref_emb.shape[0] >= n and torch.equal(ref_emb[:n].to(query.dtype), query)):
+            raise ValueError("ref_includes_query=True needs ref_emb[:N] to be the queries")
