@@ -20,9 +20,10 @@ Python prints it (0.01 is 1/100).
    holding the rank, until it is small enough to collect (or cannot be split: then all
    its values are equal).
 
-When the pairs gathered by the exact pass (everything ``>= lo``; 4 bytes a pair plus the
-positives and self pairs) number at most ``retain_limit``, they are returned and the
-OPIS counting reuses them: the guide plus one pass over the data in total.
+When the pairs gathered by the exact pass (everything ``>= lo``: a score per pair, and
+the positive and self pairs apart with their score and 8-byte row) hold at most
+``retain_limit`` scores' worth of memory, they are returned and the OPIS counting reuses
+them: the guide plus one pass over the data in total.
 """
 
 from __future__ import annotations
@@ -339,7 +340,8 @@ def far_closeness_thresholds(
         distributed: combine the passes over ``torch.distributed`` ranks.
         collect_limit: most candidate values collected for an exact threshold (more
             negatives than this use the guide).
-        retain_limit: most gathered scores kept for the counting (0: none).
+        retain_limit: most memory, in scores' worth, of the gathered pairs kept for the
+            counting (0: none; see :attr:`ChunkPairs.size`).
         seed: seed of the guide's random query sample.
 
     Returns:

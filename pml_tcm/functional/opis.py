@@ -312,8 +312,9 @@ def opis(
             :func:`~pml_tcm.functional.streaming.default_chunk_size`).
         distributed: sum the counts over ``torch.distributed`` ranks.
         collect_limit: most candidate values collected for an exact FAR threshold.
-        retain_limit: most gathered pairs kept between the FAR search and the counting
-            (a score of 4 bytes each for float32; above it counting is a second pass).
+        retain_limit: most memory, in scores' worth, of the gathered pairs kept between
+            the FAR search and the counting (4 bytes a score in float32; a positive or
+            self pair also keeps an 8-byte row); above it counting is a second pass.
         seed: seed of the guide's random query sample.
 
     Returns:

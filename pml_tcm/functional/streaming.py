@@ -111,8 +111,10 @@ class ChunkPairs:
 
     @property
     def size(self) -> int:
-        """Stored scores (all pairs, positives and self pairs)."""
-        return self.values.numel() + self.positive_values.numel() + self.self_values.numel()
+        """Memory held, in scores' worth: every stored score, plus the int64 row of each
+        positive and self pair (with few classes most gathered pairs are positives)."""
+        with_rows = self.positive_values.numel() + self.self_values.numel()
+        return self.values.numel() + with_rows * (1 + 8 // self.values.element_size())
 
 
 class PairStream:
