@@ -235,7 +235,7 @@ def _retrieval_metrics(
     try:
         return retrieval_metrics(queries, query_labels, *refs), []
     except RetrievalMemoryError as error:
-        note = f"MAP@R     skipped: {error}"
+        note = f"MAP@R skipped: {error}"
     try:
         values = retrieval_metrics(queries, query_labels, *refs, include=("precision_at_1",))
     except RetrievalMemoryError as error:

@@ -98,6 +98,8 @@ def report_markdown(
     ]
     for key, name, spec, reading in METRIC_ROWS:
         lines.append(f"| {name} | {format(report.metrics[key], spec)} | {reading} |")
+    if report.notes:
+        lines += ["", *(f"- {note}" for note in report.notes)]
     lines += [
         "",
         f"OPIS and ε-OPIS (ε = {result.epsilon:g}) are measured over the similarity "
@@ -166,6 +168,7 @@ def report_json(
         "num_references": report.num_references,
         "num_classes": len(result.classes),
         "metrics": dict(report.metrics),
+        "notes": list(report.notes),
         "calibration_range": list(result.calibration_range),
         "epsilon": result.epsilon,
         "calibration": {

@@ -4,6 +4,7 @@ float64 ranking (ties included), memory budget, bad input, and the report's skip
 from __future__ import annotations
 
 import functools
+import json
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 import pml_tcm.embedding_report as embedding_report
+from pml_tcm.cli import main
 from pml_tcm.functional.retrieval import (
     RETRIEVAL_METRICS,
     SELF_SCORE,
@@ -205,21 +207,24 @@ def test_memory_budget_picks_chunks_or_refuses():
         budget(include=(P1,), max_bytes=2000)
 
 
-def test_report_skips_what_does_not_fit_with_one_line(monkeypatch):
+def test_report_skips_what_does_not_fit_with_one_line(monkeypatch, tmp_path, capsys):
     x, y = clustered(12, [200, 100])
-    full = embedding_report.compute_report(x.numpy(), y.numpy().astype(np.int64))
+    embeddings, labels = x.numpy(), y.numpy().astype(np.int64)
+    full = embedding_report.compute_report(embeddings, labels)
     assert full.notes == []
     assert_same(
         {k: full.metrics[k] for k in RETRIEVAL_METRICS},
         pml_metrics(x, y),
         1e-3,  # float32 near-ties
     )
+    np.save(tmp_path / "emb.npy", embeddings)
+    np.save(tmp_path / "labels.npy", labels)
     for budget, skipped in ((4000, [MAP]), (2000, [P1, MAP])):
         small = functools.partial(
             embedding_report.retrieval_metrics, max_bytes=budget, num_workers=1
         )
         monkeypatch.setattr(embedding_report, "retrieval_metrics", small)
-        report = embedding_report.compute_report(x.numpy(), y.numpy().astype(np.int64))
+        report = embedding_report.compute_report(embeddings, labels)
         assert [k for k in RETRIEVAL_METRICS if math.isnan(report.metrics[k])] == skipped
         assert len(report.notes) == 1 and "skipped" in report.notes[0]
         assert "\n" not in report.notes[0]
@@ -227,6 +232,25 @@ def test_report_skips_what_does_not_fit_with_one_line(monkeypatch):
         assert report.metrics["opis"] == full.metrics["opis"]
         if skipped == [MAP]:
             assert report.metrics[P1] == full.metrics[P1]
+        # the CLI's files carry the note; report.json has null for the skipped metrics
+        out = tmp_path / f"out{budget}"
+        assert (
+            main(
+                [
+                    "report",
+                    str(tmp_path / "emb.npy"),
+                    str(tmp_path / "labels.npy"),
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+        assert report.notes[0] in capsys.readouterr().out
+        assert f"- {report.notes[0]}" in (out / "report.md").read_text()
+        document = json.loads((out / "report.json").read_text())
+        assert document["notes"] == report.notes
+        assert [k for k in RETRIEVAL_METRICS if document["metrics"][k] is None] == skipped
 
 
 def test_rank_keys_sort_like_the_scores_descending():
