@@ -142,8 +142,7 @@ class TCMRegularizer(BaseRegularizer):
         if own_slots is not None and ref_emb is not None:
             self_columns = own_slots.columns(embeddings.shape[0], embeddings.device)
         loss = self._term(embeddings, labels, indices_tuple, ref_emb, ref_labels, self_columns)
-        loss_dict = {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
-        return self.reducer(loss_dict, embeddings, labels)
+        return self.reducer(_already_reduced(loss), embeddings, labels)
 
     def compute_loss(
         self,
@@ -154,8 +153,9 @@ class TCMRegularizer(BaseRegularizer):
         ref_labels: Tensor | None,
     ) -> dict[str, dict[str, Any]]:
         """pml's hook: the term as an already-reduced loss dict."""
-        loss = self._term(embeddings, labels, indices_tuple, ref_emb, ref_labels, None)
-        return {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
+        return _already_reduced(
+            self._term(embeddings, labels, indices_tuple, ref_emb, ref_labels, None)
+        )
 
     def _term(
         self,
@@ -188,3 +188,7 @@ class TCMRegularizer(BaseRegularizer):
             self.tcm_value = loss.detach()
             self.num_hard_pos_pairs, self.num_hard_neg_pairs = num_pos, num_neg
         return loss
+
+
+def _already_reduced(loss: Tensor) -> dict[str, dict[str, Any]]:
+    return {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}

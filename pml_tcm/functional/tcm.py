@@ -246,56 +246,30 @@ def tcm_loss_and_counts(
     accumulation dtype (float32, or float64 for float64 input).
     """
     with full_precision(embeddings.device):
-        return _tcm_loss_and_counts(
-            embeddings,
+        queries = normalize(embeddings)
+        if ref_embeddings is None:
+            references, ref_labels, self_offset = queries, labels, 0
+        else:
+            if ref_labels is None:
+                raise ValueError("ref_labels is required when ref_embeddings is given")
+            references, self_offset = normalize(ref_embeddings), None
+        weights, constant, num_pos, num_neg = tcm_pair_weights(
+            queries.detach(),
             labels,
-            ref_embeddings,
+            references.detach(),
             ref_labels,
             pos_margin,
             neg_margin,
             pos_weight,
             neg_weight,
+            self_offset,
             pairs,
-            self_columns,
+            None if ref_embeddings is None else self_columns,
         )
-
-
-def _tcm_loss_and_counts(
-    embeddings: Tensor,
-    labels: Tensor,
-    ref_embeddings: Tensor | None,
-    ref_labels: Tensor | None,
-    pos_margin: float,
-    neg_margin: float,
-    pos_weight: float,
-    neg_weight: float,
-    pairs: PairIndices | None,
-    self_columns: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    queries = normalize(embeddings)
-    if ref_embeddings is None:
-        references, ref_labels, self_offset = queries, labels, 0
-    else:
-        if ref_labels is None:
-            raise ValueError("ref_labels is required when ref_embeddings is given")
-        references, self_offset = normalize(ref_embeddings), None
-    weights, constant, num_pos, num_neg = tcm_pair_weights(
-        queries.detach(),
-        labels,
-        references.detach(),
-        ref_labels,
-        pos_margin,
-        neg_margin,
-        pos_weight,
-        neg_weight,
-        self_offset,
-        pairs,
-        None if ref_embeddings is None else self_columns,
-    )
-    # sum_ij W_ij <q_i, r_j> written as sum_i <q_i, (W r)_i>: W is saved once for the
-    # backward pass and no (N, M) gradient is ever built.
-    loss = (queries * (weights @ references)).sum() + constant
-    return loss, num_pos, num_neg
+        # sum_ij W_ij <q_i, r_j> written as sum_i <q_i, (W r)_i>: W is saved once for the
+        # backward pass and no (N, M) gradient is ever built.
+        loss = (queries * (weights @ references)).sum() + constant
+        return loss, num_pos, num_neg
 
 
 @torch.no_grad()
