@@ -175,14 +175,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--tcm-miner", action="store_true", help="also use TCMMiner as the tuple miner"
     )
-    demo.add_argument(
-        "--far-range",
-        nargs=2,
-        type=float,
-        default=(1e-3, 1e-2),
-        metavar=("LO", "HI"),
-        help="FAR bounds of the threshold range OPIS is measured over",
-    )
+    _add_far_range(demo)
     demo.add_argument(
         "--target-far",
         type=float,
@@ -216,6 +209,17 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         "--train-only", action="store_true", help="train and checkpoint only, no evaluation"
     )
     demo.set_defaults(handler=_run_demo)
+
+
+def _add_far_range(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--far-range",
+        nargs=2,
+        type=float,
+        default=(1e-3, 1e-2),
+        metavar=("LO", "HI"),
+        help="FAR bounds of the threshold range OPIS is measured over",
+    )
 
 
 def _add_report(commands: argparse._SubParsersAction) -> None:
@@ -252,14 +256,7 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="(M,) .npy labels of --reference (default: none; required with --reference)",
     )
-    report.add_argument(
-        "--far-range",
-        nargs=2,
-        type=float,
-        default=(1e-3, 1e-2),
-        metavar=("LO", "HI"),
-        help="FAR bounds of the threshold range OPIS is measured over",
-    )
+    _add_far_range(report)
     report.add_argument(
         "--target-far", type=float, default=1e-3, help="target FAR of the calibrated threshold"
     )

@@ -83,9 +83,9 @@ class ThresholdConsistentMarginLoss(BaseMetricLossFunction):
             ("margin_plus", margin_plus),
             ("margin_minus", margin_minus),
         ):
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
+            if not validation.is_real(value):
                 raise ValueError(f"{name} must be a number, got {value!r}")
-            if not math.isfinite(value):
+            if not math.isfinite(float(value)):
                 raise ValueError(f"{name} must be finite, got {value!r}")
         self.lambda_plus = lambda_plus
         self.lambda_minus = lambda_minus
