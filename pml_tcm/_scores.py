@@ -17,3 +17,8 @@ def score_function(distance: BaseDistance) -> ScoreFn:
     if type(distance) is CosineSimilarity and distance.power == 1:
         return cosine_similarity_scores
     return distance
+
+
+def needs_direction(distance: BaseDistance) -> bool:
+    """Whether ``distance`` normalises rows (a zero-norm row then has no direction)."""
+    return isinstance(distance, CosineSimilarity) or bool(distance.normalize_embeddings)

@@ -5,17 +5,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
-import torch
 from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity
 from pytorch_metric_learning.utils.accuracy_calculator import EQUALITY, AccuracyCalculator
+from pytorch_metric_learning.utils.inference import CustomKNN
 from torch import Tensor
 
-from ._scores import score_function
-from ._sharding import check_shard_queries, query_shard
+from ._scores import needs_direction, score_function
+from ._sharding import check_shard_queries, data_fingerprint, query_shard
 from .functional import validation
-from .functional.labels import dense_class_ids
-from .functional.opis import OPISResult, opis
+from .functional.opis import OPISResult, opis_of_sets
+from .functional.prepare import PreparedSets, prepare_sets
 
 OPIS_METRICS = ("opis", "eps_opis", "neg_opis", "neg_eps_opis")
 # pml casts labels to float32, which holds every integer up to 2^24 exactly.
@@ -35,9 +34,15 @@ class OPISAccuracyCalculator(AccuracyCalculator):
     neither needs pml's k-NN search: ``include=("opis", "eps_opis")`` runs no k-NN.
     The last full result (curves included) is kept in :attr:`last_result`.
 
-    With ``return_per_class=True``, ``"opis"`` is the list of ``⟨U_c⟩`` per distinct query
-    label (ascending label order, like pml's per-class lists); ``"eps_opis"`` stays a
-    float (it is not a per-class quantity).
+    With ``return_per_class=True``, ``"opis"`` is the list of ``⟨U_c⟩`` per query class
+    that has a positive pair, in ascending label order: the classes and the order of
+    pml's per-class lists (pml leaves out the queries without a positive, OPIS the
+    classes without one), so ``zip`` with ``"precision_at_1"`` pairs the same classes;
+    ``"eps_opis"`` stays a float (it is not a per-class quantity).
+
+    Every call computes on its own inputs: the OPIS metrics of one ``get_accuracy`` call
+    share one pass, and a ``calculate_opis`` call made directly (outside
+    ``get_accuracy``) evaluates the sets it is given.
 
     Labels of any size: ``get_accuracy`` maps the labels to dense class ids before pml
     sees them (pml compares labels as float32, where integers from 2^24 on collide), so
@@ -58,13 +63,19 @@ class OPISAccuracyCalculator(AccuracyCalculator):
         epsilon: ε in (0, 1) of ε-OPIS.
         distance: a pml distance (default ``CosineSimilarity()``); for a distance where
             smaller is closer (``not distance.is_inverted``, e.g. ``LpDistance``) a pair
-            matches when its distance is ``<= t``.
+            matches when its distance is ``<= t``. Given explicitly (and no ``knn_func``),
+            pml's k-NN metrics rank with it too (``CustomKNN(distance)``), so one result
+            never mixes two geometries; by default pml's own ``knn_func`` is kept.
         chunk_size: query rows per streamed block (default: a block of about 2^26 scores).
-        shard_queries: ``"auto"`` splits the queries over the ``torch.distributed`` ranks
-            when a process group with several ranks is initialised, each rank streaming
-            its contiguous share against the whole reference set and the counts being
-            summed with ``all_reduce`` (every rank must call ``get_accuracy`` with the same
-            data); ``False`` never shards; ``True`` requires an initialised group.
+        shard_queries: ``False`` (default) never communicates: each process evaluates
+            what it is given, with or without a process group (rank 0 alone while the
+            others wait, or each rank its own shard). ``True`` splits the queries over the
+            ``torch.distributed`` ranks, each streaming its contiguous share against the
+            whole reference set, the counts summed so every rank gets the one-process
+            result: every rank must then call ``get_accuracy`` with the same data and
+            settings (checked first, in one small collective: a mismatch is a
+            ``ValueError`` on every rank). ``"auto"`` is ``True`` when a group with
+            several ranks is initialised.
         **kwargs: pml's ``AccuracyCalculator`` arguments (``include``, ``exclude``,
             ``return_per_class``, ``k``, ``device``, ...).
 
@@ -82,14 +93,17 @@ class OPISAccuracyCalculator(AccuracyCalculator):
         epsilon: float = 0.1,
         distance: BaseDistance | None = None,
         chunk_size: int | None = None,
-        shard_queries: bool | str = "auto",
+        shard_queries: bool | str = False,
         **kwargs: Any,
     ) -> None:
         validation.check_opis_settings(calibration_range, far_range, num_thresholds, beta, epsilon)
+        if distance is not None and not isinstance(distance, BaseDistance):
+            raise ValueError(f"distance must be a pml distance, got {type(distance).__name__}")
+        if distance is not None and kwargs.get("knn_func") is None:
+            # pml's k-NN metrics rank with the same geometry as OPIS
+            kwargs["knn_func"] = CustomKNN(distance)
         if distance is None:
             distance = CosineSimilarity()
-        if not isinstance(distance, BaseDistance):
-            raise ValueError(f"distance must be a pml distance, got {type(distance).__name__}")
         validation.check_chunk_size(chunk_size)
         check_shard_queries(shard_queries)
         self.calibration_range = calibration_range
@@ -101,7 +115,8 @@ class OPISAccuracyCalculator(AccuracyCalculator):
         self.chunk_size = chunk_size
         self.shard_queries = shard_queries
         self.last_result: OPISResult | None = None
-        self._label_values: Tensor | None = None
+        self._sets = None
+        self._call_tensors: tuple[Tensor, Tensor] | None = None
         super().__init__(**kwargs)
         if self.label_comparison_fn is not EQUALITY:
             # Labels compared by a custom function need not be classes: OPIS (which needs
@@ -122,36 +137,59 @@ class OPISAccuracyCalculator(AccuracyCalculator):
         include: tuple[str, ...] | list[str] = (),
         exclude: tuple[str, ...] | list[str] = (),
     ) -> dict:
-        """pml's ``get_accuracy``, with the labels mapped to dense class ids first.
+        """pml's ``get_accuracy``, on sets prepared once for every metric.
 
-        With pml's default label comparison (equality), query and reference labels are
-        replaced by their rank among the distinct labels of both sets before pml sees
-        them: pml compares labels as float32, where integers from 2^24 on collide, and
-        every metric (pml's and OPIS) then gives the values of the dense ids. Labels may
-        be any integer, unsigned, bool or float dtype (``(N,)``, or ``(N, K)`` rows),
-        tensors or NumPy arrays. With a custom ``label_comparison_fn`` the labels are
-        passed on unchanged, as pml does. NaN/Inf embeddings are rejected first, naming
-        the set.
+        The sets go through :func:`~pml_tcm.functional.prepare.prepare_sets` first (NumPy
+        or torch; 1-D, 3-D or empty sets, NaN/Inf and zero-norm rows refused naming the
+        argument; ``ref_includes_query`` verified row for row). With pml's default label
+        comparison (equality), query and reference labels are then replaced by their
+        rank among the distinct labels of both sets before pml sees them: pml compares
+        labels as float32, where integers from 2^24 on collide, and every metric (pml's
+        and OPIS) then gives the values of the dense ids. Labels may be any integer,
+        unsigned, bool or float dtype (``(N,)``, or ``(N, K)`` rows). With a custom
+        ``label_comparison_fn`` the labels are passed on unchanged, as pml does.
         """
         if self.label_comparison_fn is not EQUALITY:
             _refuse_opis_with_custom_comparison(include)
-        for name, embeddings in (("query", query), ("reference", reference)):
-            if embeddings is not None and not bool(
-                torch.isfinite(torch.as_tensor(embeddings)).all()
-            ):
-                raise ValueError(f"{name} contains NaN or Inf")
-        self._label_values = None
-        if self.label_comparison_fn is EQUALITY:
-            query_labels, reference_labels, self._label_values = _dense_labels(
-                query, query_labels, reference, reference_labels
+        sets = prepare_sets(
+            query,
+            query_labels,
+            reference,
+            reference_labels,
+            ref_includes_query=ref_includes_query,
+            require_direction=needs_direction(self.distance),
+            names=("query", "query_labels", "reference", "reference_labels"),
+        )
+        if len(sets.label_values) > MAX_FLOAT32_CLASSES:
+            raise ValueError(
+                f"query_labels/reference_labels: {len(sets.label_values)} distinct labels; "
+                f"pml compares class ids as float32, exact only up to {MAX_FLOAT32_CLASSES} "
+                "classes"
             )
+        self._sets, self.last_result = sets, None
+        if self.label_comparison_fn is EQUALITY:
+            query_labels, reference_labels = sets.query_ids, sets.reference_ids
+        reference = None if sets.references_are_queries else sets.references
+        if reference is None:
+            reference_labels = None
         return super().get_accuracy(
-            query, query_labels, reference, reference_labels, ref_includes_query, include, exclude
+            sets.queries,
+            query_labels,
+            reference,
+            reference_labels,
+            ref_includes_query,
+            include,
+            exclude,
         )
 
     def _get_accuracy(self, function_dict: dict, **kwargs: Any) -> dict:
-        self.last_result = None
-        return super()._get_accuracy(function_dict, **kwargs)
+        # the tensors pml hands every metric of this call: how a metric tells that it
+        # is part of it (and may use the prepared sets) from a direct call on new data
+        self._call_tensors = (kwargs["query"], kwargs["reference"])
+        try:
+            return super()._get_accuracy(function_dict, **kwargs)
+        finally:
+            self._call_tensors = None
 
     def _opis_result(
         self,
@@ -161,33 +199,64 @@ class OPISAccuracyCalculator(AccuracyCalculator):
         reference_labels: Tensor,
         ref_includes_query: bool,
     ) -> OPISResult:
-        if self.last_result is not None:
+        """OPIS of this ``get_accuracy`` call (one pass for all four OPIS metrics), or of
+        the given sets when a metric is called directly."""
+        in_call = self._call_tensors is not None and (
+            query is self._call_tensors[0] and reference is self._call_tensors[1]
+        )
+        if in_call and self.last_result is not None:
             return self.last_result
-        query_labels = _integer_labels(query_labels, "query_labels")
-        reference_labels = _integer_labels(reference_labels, "reference_labels")
-        start, end, distributed = query_shard(query.shape[0], self.shard_queries)
-        with torch.no_grad():
-            result = opis(
-                query[start:end],
-                query_labels[start:end],
-                reference,
-                reference_labels,
+        if in_call:
+            sets = self._sets
+        else:
+            sets = prepare_sets(
+                query,
+                query_labels,
+                None if ref_includes_query and reference is query else reference,
+                None if ref_includes_query and reference is query else reference_labels,
                 ref_includes_query=ref_includes_query,
-                query_offset=start,
-                calibration_range=self.calibration_range,
-                far_range=self.far_range,
-                num_thresholds=self.num_thresholds,
-                beta=self.beta,
-                epsilon=self.epsilon,
-                score_fn=score_function(self.distance),
-                higher_is_closer=self.distance.is_inverted,
-                chunk_size=self.chunk_size,
-                distributed=distributed,
+                require_direction=needs_direction(self.distance),
+                names=("query", "query_labels", "reference", "reference_labels"),
             )
-        if self._label_values is not None:  # the classes as the caller labelled them
-            result = dataclasses.replace(result, classes=self._label_values[result.classes])
-        self.last_result = result
+        start, end, distributed = query_shard(
+            sets.queries.shape[0], self.shard_queries, settings=self._settings(sets)
+        )
+        shard = dataclasses.replace(
+            sets,
+            queries=sets.queries[start:end],
+            query_ids=sets.query_ids[start:end],
+            self_offset=None if sets.self_offset is None else sets.self_offset + start,
+        )
+        result = opis_of_sets(
+            shard,
+            calibration_range=self.calibration_range,
+            far_range=self.far_range,
+            num_thresholds=self.num_thresholds,
+            beta=self.beta,
+            epsilon=self.epsilon,
+            score_fn=score_function(self.distance),
+            higher_is_closer=self.distance.is_inverted,
+            chunk_size=self.chunk_size,
+            distributed=distributed,
+        )
+        if in_call:
+            self.last_result = result
         return result
+
+    def _settings(self, sets: PreparedSets) -> tuple:
+        """What every rank must agree on before a sharded evaluation."""
+        if self.shard_queries is False:
+            return ()
+        return (
+            data_fingerprint(sets.queries, sets.query_ids, sets.references, sets.reference_ids),
+            self.calibration_range,
+            self.far_range,
+            self.num_thresholds,
+            self.beta,
+            self.epsilon,
+            type(self.distance).__name__,
+            self.chunk_size,
+        )
 
     def calculate_opis(
         self,
@@ -203,7 +272,7 @@ class OPISAccuracyCalculator(AccuracyCalculator):
             query, query_labels, reference, reference_labels, ref_includes_query
         )
         if self.return_per_class:
-            return result.mean_class_utility.tolist()
+            return result.mean_class_utility[~result.excluded].tolist()
         return result.opis
 
     def calculate_eps_opis(
@@ -259,43 +328,3 @@ def _refuse_opis_with_custom_comparison(include: Any) -> None:
             f"label_comparison_fn: the OPIS metrics {requested} need labels compared by "
             "equality (classes); leave them out of include to use a custom comparison"
         )
-
-
-def _dense_labels(
-    query: Any, query_labels: Any, reference: Any, reference_labels: Any
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Query and reference labels as dense int64 ids, and the label of each id."""
-    sets, names = [_label_tensor(query_labels, "query_labels")], ["query_labels"]
-    if reference is not None and reference_labels is not None:
-        sets.append(_label_tensor(reference_labels, "reference_labels"))
-        names.append("reference_labels")
-    ids, classes = dense_class_ids(sets, names)
-    if len(classes) > MAX_FLOAT32_CLASSES:
-        raise ValueError(
-            f"query_labels/reference_labels: {len(classes)} distinct labels; pml compares "
-            f"class ids as float32, exact only up to {MAX_FLOAT32_CLASSES} classes"
-        )
-    return ids[0], (ids[1] if len(ids) > 1 else reference_labels), classes.cpu()
-
-
-def _label_tensor(labels: Any, name: str) -> Tensor:
-    if isinstance(labels, np.ndarray):
-        try:
-            return torch.from_numpy(labels)
-        except TypeError as error:
-            raise ValueError(f"{name} must hold numbers, got dtype {labels.dtype}") from error
-    if not isinstance(labels, Tensor):
-        raise ValueError(
-            f"{name} must be a torch.Tensor or a NumPy array, got {type(labels).__name__}"
-        )
-    return labels
-
-
-def _integer_labels(labels: Tensor, name: str) -> Tensor:
-    """pml hands labels over as float; OPIS needs them back as int64 class ids."""
-    if labels.ndim != 1:
-        raise ValueError(f"{name} must be 1-D for OPIS, got shape {tuple(labels.shape)}")
-    if labels.is_floating_point():
-        if not bool(torch.isfinite(labels).all()) or not torch.equal(labels, labels.round()):
-            raise ValueError(f"{name} must hold integer class ids")
-    return labels.to(torch.int64)

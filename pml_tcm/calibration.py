@@ -9,11 +9,11 @@ import torch
 from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity
 from torch import Tensor
 
-from ._scores import score_function
-from ._sharding import check_shard_queries, query_shard
+from ._scores import needs_direction, score_function
+from ._sharding import check_shard_queries, data_fingerprint, query_shard
 from .functional import validation
 from .functional.calibration import calibrate_closeness_threshold
-from .functional.labels import dense_class_ids
+from .functional.prepare import prepare_sets
 
 PERCENTILES = (5, 25, 50, 75, 95)
 
@@ -69,7 +69,7 @@ class CalibrationReport:
         """A few readable lines."""
         kind, value = self.target
         lines = [
-            f"threshold {self.threshold:.6g} for target {kind.upper()} {value:g}",
+            f"threshold {self.threshold:.6g} for target {kind.upper()} {value:.10g}",
             f"pooled: FAR {self.far:.4%}  FRR {self.frr:.4%}",
         ]
         for name, worst_class, worst, spread, pct in (
@@ -90,6 +90,11 @@ class CalibrationReport:
         return self.summary()
 
 
+def _label(value: Tensor) -> int | float | bool | tuple:
+    """A class label as a Python value (a tuple for a label row)."""
+    return tuple(value.tolist()) if value.ndim else value.item()
+
+
 def _rate_summary(rates: Tensor, valid: Tensor, classes: Tensor):
     if not bool(valid.any()):
         return None, 0.0, 0.0, {p: 0.0 for p in PERCENTILES}
@@ -97,27 +102,11 @@ def _rate_summary(rates: Tensor, valid: Tensor, classes: Tensor):
     worst = int(values.argmax())
     quantiles = torch.quantile(values, torch.tensor(PERCENTILES, dtype=torch.float64) / 100)
     return (
-        classes[valid][worst].item(),
+        _label(classes[valid][worst]),
         float(values[worst]),
         float(values.max() - values.min()),
         {p: float(q) for p, q in zip(PERCENTILES, quantiles)},
     )
-
-
-def _dense_labels(
-    labels: Tensor, reference_labels: Tensor | None
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Labels (and reference labels) as shared dense int64 class ids, and the label of
-    each id (on the CPU): integer labels from 2^24 on or float labels stay distinct."""
-    sets = [(labels, "labels")]
-    if reference_labels is not None:
-        sets.append((reference_labels, "reference_labels"))
-    for values, name in sets:
-        if isinstance(values, Tensor) and values.ndim != 1:
-            raise ValueError(f"{name} must be 1-D (num_samples,), got shape {tuple(values.shape)}")
-    ids, label_values = dense_class_ids([v for v, _ in sets], [n for _, n in sets])
-    ids = [i.to(v.device) for i, (v, _) in zip(ids, sets)]
-    return ids[0], (ids[1] if len(ids) > 1 else None), label_values.cpu()
 
 
 def calibrate_threshold(
@@ -143,7 +132,9 @@ def calibrate_threshold(
     positive pairs rejected).
 
     Args:
-        embeddings: ``(N, D)`` float queries.
+        embeddings: ``(N, D)`` queries, a tensor or a NumPy array (checked and converted
+            as by :func:`~pml_tcm.functional.prepare.prepare_sets`: half precision is
+            scored in float32, zero-norm rows are refused for a normalising distance).
         labels: ``(N,)`` class labels: any integer dtype (any magnitude), bool, or float
             (compared by value; NaN is refused).
         reference: ``(M, D)`` references, or ``None`` for the embeddings themselves.
@@ -151,7 +142,8 @@ def calibrate_threshold(
             value.
         target_far: FAR in (0, 1]; give exactly one of ``target_far``/``target_frr``.
         target_frr: FRR in [0, 1).
-        ref_includes_query: the reference starts with the embeddings (pml convention).
+        ref_includes_query: the reference starts with the embeddings (pml convention);
+            verified row for row.
         distance: pml distance (default ``CosineSimilarity()``).
         chunk_size: query rows per streamed block.
         shard_queries: ``True`` or ``"auto"`` (when a ``torch.distributed`` group with
@@ -178,44 +170,45 @@ def calibrate_threshold(
     distance = CosineSimilarity() if distance is None else distance
     if not isinstance(distance, BaseDistance):
         raise ValueError(f"distance must be a pml distance, got {type(distance).__name__}")
-    if reference is None and reference_labels is not None:
-        raise ValueError("reference_labels was given without reference")
-    if reference is not None and reference_labels is None:
-        raise ValueError("reference_labels is required with reference")
-    labels, reference_labels, label_values = _dense_labels(labels, reference_labels)
-    validation.check_evaluation_set(embeddings, labels, "embeddings", "labels")
-    if reference is None:
-        reference, reference_labels, ref_includes_query = embeddings, labels, True
-    else:
-        validation.check_evaluation_set(
-            reference, reference_labels, "reference", "reference_labels"
+    sets = prepare_sets(
+        embeddings,
+        labels,
+        reference,
+        reference_labels,
+        ref_includes_query=ref_includes_query,
+        require_direction=needs_direction(distance),
+        names=("embeddings", "labels", "reference", "reference_labels"),
+    )
+    settings = ()
+    if shard_queries is not False:
+        settings = (
+            data_fingerprint(sets.queries, sets.query_ids, sets.references, sets.reference_ids),
+            target_far,
+            target_frr,
+            type(distance).__name__,
+            chunk_size,
         )
-        if reference.shape[1] != embeddings.shape[1]:
-            raise ValueError("reference and embeddings have different embedding sizes")
-        if ref_includes_query and reference.shape[0] < embeddings.shape[0]:
-            raise ValueError("ref_includes_query: reference is shorter than embeddings")
-    start, end, distributed = query_shard(embeddings.shape[0], shard_queries)
-    with torch.no_grad():
-        closeness, classes, counts = calibrate_closeness_threshold(
-            embeddings[start:end],
-            labels[start:end].to(embeddings.device, torch.int64),
-            reference.to(embeddings.device, embeddings.dtype),
-            reference_labels.to(embeddings.device, torch.int64),
-            target_far=target_far,
-            target_frr=target_frr,
-            self_offset=start if ref_includes_query else None,
-            score_fn=score_function(distance),
-            higher_is_closer=distance.is_inverted,
-            chunk_size=chunk_size,
-            distributed=distributed,
-        )
+    start, end, distributed = query_shard(sets.queries.shape[0], shard_queries, settings)
+    closeness, classes, counts = calibrate_closeness_threshold(
+        sets.queries[start:end],
+        sets.query_ids[start:end],
+        sets.references,
+        sets.reference_ids,
+        target_far=target_far,
+        target_frr=target_frr,
+        self_offset=None if sets.self_offset is None else sets.self_offset + start,
+        score_fn=score_function(distance),
+        higher_is_closer=distance.is_inverted,
+        chunk_size=chunk_size,
+        distributed=distributed,
+    )
     false_accepts, false_rejects, negatives, positives = (c.cpu() for c in counts)
     has_negatives, has_positives = negatives > 0, positives > 0
     class_far = false_accepts.double() / negatives.clamp(min=1)
     class_frr = false_rejects.double() / positives.clamp(min=1)
     far = float(false_accepts.sum()) / max(1, int(negatives.sum()))
     frr = float(false_rejects.sum()) / max(1, int(positives.sum()))
-    classes = label_values[classes.cpu()]
+    classes = sets.label_values[classes.cpu()]
     worst_far_class, worst_far, far_spread, far_pct = _rate_summary(
         class_far, has_negatives, classes
     )

@@ -163,7 +163,7 @@ def test_labels_of_any_size_and_dtype(to_labels):
     assert str(report.worst_far_class) in report.summary()
 
 
-def test_nan_and_two_dimensional_labels_are_refused():
+def test_nan_labels_are_refused_and_label_rows_are_classes():
     x, y = problem()
     nan = y.double()
     nan[4] = float("nan")
@@ -171,5 +171,11 @@ def test_nan_and_two_dimensional_labels_are_refused():
         calibrate_threshold(x, nan, target_far=0.1)
     with pytest.raises(ValueError, match="reference_labels.*NaN"):
         calibrate_threshold(x, y, x, nan, target_far=0.1)
+    # (N, K) label rows are classes, as in pml's calculator: the same report as the ids
+    rows = calibrate_threshold(x, torch.stack([y, 7 * y], dim=1), target_far=0.1)
+    plain = calibrate_threshold(x, y, target_far=0.1)
+    assert rows.threshold == plain.threshold
+    assert torch.equal(rows.class_frr, plain.class_frr)
+    assert rows.worst_frr_class == (plain.worst_frr_class, 7 * plain.worst_frr_class)
     with pytest.raises(ValueError, match="labels must be 1-D"):
-        calibrate_threshold(x, torch.stack([y, y], dim=1), target_far=0.1)
+        calibrate_threshold(x, torch.stack([y, y], dim=1)[:, :, None], target_far=0.1)

@@ -47,7 +47,9 @@ def problems(draw):
 
     def embeddings(n):
         if integer_values:
-            return torch.randint(-2, 3, (n, dim), generator=gen).double()
+            rows = torch.randint(-2, 3, (n, dim), generator=gen).double()
+            rows[(rows == 0).all(dim=1), 0] = 1.0  # zero-norm rows are refused
+            return rows
         return torch.randn(n, dim, generator=gen, dtype=torch.float64)
 
     queries = embeddings(num_queries)
@@ -380,7 +382,9 @@ def test_bad_inputs_name_the_argument():
         opis(queries, labels, queries[:0], labels[:0])
     with pytest.raises(ValueError, match="embedding size"):
         opis(queries, labels, queries[:, :3], labels)
-    with pytest.raises(ValueError, match="query_labels"):
-        opis(queries, labels.float())
+    # labels of any real dtype are compared by value (one input preparation)
+    as_float = opis(queries, labels.float() + 0.5)
+    assert as_float.opis == opis(queries, labels).opis
+    assert torch.equal(as_float.classes, torch.unique(labels).double() + 0.5)
     with pytest.raises(ValueError, match="ref_includes_query"):
         opis(queries, labels, queries[:10], labels[:10], ref_includes_query=True)

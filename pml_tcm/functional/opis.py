@@ -29,6 +29,7 @@ from . import validation
 from .collectives import all_reduce, global_classes
 from .counting import grid_histograms
 from .far_search import ceil_fraction_of, far_closeness_thresholds, far_rank, num_negative_pairs
+from .prepare import PreparedSets, prepare_sets
 from .streaming import ChunkPairs, PairStream, ScoreFn, cosine_similarity_scores
 
 
@@ -293,7 +294,8 @@ def opis(
 
     Args:
         queries: ``(N, D)`` float embeddings (this rank's shard when ``distributed``).
-        query_labels: ``(N,)`` integer labels.
+        query_labels: ``(N,)`` labels of any real dtype (or ``(N, K)`` label rows),
+            compared by value; ``OPISResult.classes`` holds them as given.
         references: ``(M, D)`` embeddings, or ``None`` to use the queries (self pairs are
             then skipped, as with ``ref_includes_query``).
         reference_labels: ``(M,)`` labels, required with ``references``.
@@ -323,26 +325,64 @@ def opis(
         any pair); with a single class OPIS and ε-OPIS are 0.
 
     Raises:
-        ValueError: empty sets, NaN/Inf, mismatched lengths or sizes, invalid settings.
+        ValueError: naming the argument: bad sets (see
+            :func:`~pml_tcm.functional.prepare.prepare_sets`) or invalid settings.
     """
     validation.check_opis_settings(calibration_range, far_range, num_thresholds, beta, epsilon)
     validation.check_chunk_size(chunk_size)
-    query_labels, references, reference_labels, self_offset = _checked_sets(
+    sets = prepare_sets(
         queries,
         query_labels,
         references,
         reference_labels,
         ref_includes_query=ref_includes_query,
         query_offset=query_offset,
+        require_direction=score_fn is cosine_similarity_scores,
+        distributed=distributed,
     )
-    classes = global_classes(query_labels, distributed=distributed)
+    return opis_of_sets(
+        sets,
+        calibration_range=calibration_range,
+        far_range=far_range,
+        num_thresholds=num_thresholds,
+        beta=beta,
+        epsilon=epsilon,
+        score_fn=score_fn,
+        higher_is_closer=higher_is_closer,
+        chunk_size=chunk_size,
+        distributed=distributed,
+        collect_limit=collect_limit,
+        retain_limit=retain_limit,
+        seed=seed,
+    )
+
+
+def opis_of_sets(
+    sets: PreparedSets,
+    *,
+    calibration_range: tuple[float, float] | None = None,
+    far_range: tuple[float, float] = (1e-3, 1e-2),
+    num_thresholds: int = 1000,
+    beta: float = 1.0,
+    epsilon: float = 0.1,
+    score_fn: ScoreFn = cosine_similarity_scores,
+    higher_is_closer: bool = True,
+    chunk_size: int | None = None,
+    distributed: bool = False,
+    collect_limit: int = 1 << 24,
+    retain_limit: int = 1 << 27,
+    seed: int = 0,
+) -> OPISResult:
+    """:func:`opis` of sets already prepared by
+    :func:`~pml_tcm.functional.prepare.prepare_sets` (settings unchecked)."""
+    classes = global_classes(sets.query_ids, distributed=distributed)
     stream = PairStream(
-        queries=queries,
-        query_labels=query_labels,
-        references=references,
-        reference_labels=reference_labels,
+        queries=sets.queries,
+        query_labels=sets.query_ids,
+        references=sets.references,
+        reference_labels=sets.reference_ids,
         classes=classes,
-        self_offset=self_offset,
+        self_offset=sets.self_offset,
         score_fn=score_fn,
         higher_is_closer=higher_is_closer,
         chunk_size=chunk_size,
@@ -361,51 +401,14 @@ def opis(
             seed=seed,
         )
     grid = threshold_grid(closeness_range[0], closeness_range[1], num_thresholds)
-    state = _count_state(stream, grid.to(queries.device), retained)
+    state = _count_state(stream, grid.to(sets.queries.device), retained)
     if distributed:
         state.all_reduce()
-    return opis_compute(
+    result = opis_compute(
         state, classes, grid, beta=beta, epsilon=epsilon, higher_is_closer=higher_is_closer
     )
-
-
-def _checked_sets(
-    queries: Tensor,
-    query_labels: Tensor,
-    references: Tensor | None,
-    reference_labels: Tensor | None,
-    *,
-    ref_includes_query: bool,
-    query_offset: int,
-) -> tuple[Tensor, Tensor, Tensor, int | None]:
-    """The checked sets of :func:`opis` as ``(query_labels, references, reference_labels,
-    self_offset)``: int64 labels and references on the queries' device and dtype."""
-    if references is None:
-        if reference_labels is not None:
-            raise ValueError("reference_labels was given without references")
-        references, reference_labels = queries, query_labels
-        ref_includes_query = True
-    elif reference_labels is None:
-        raise ValueError("reference_labels is required with references")
-    validation.check_evaluation_set(queries, query_labels, "queries", "query_labels")
-    validation.check_evaluation_set(references, reference_labels, "references", "reference_labels")
-    if references.shape[1] != queries.shape[1]:
-        raise ValueError(
-            f"references have embedding size {references.shape[1]} but queries have "
-            f"{queries.shape[1]}"
-        )
-    if references.dtype != queries.dtype:
-        references = references.to(queries.dtype)
-    if ref_includes_query and query_offset + queries.shape[0] > references.shape[0]:
-        raise ValueError(
-            "ref_includes_query needs the queries inside the references: query_offset "
-            f"{query_offset} + {queries.shape[0]} queries > {references.shape[0]} references"
-        )
-    query_labels = query_labels.to(device=queries.device, dtype=torch.int64)
-    reference_labels = reference_labels.to(device=queries.device, dtype=torch.int64)
-    references = references.to(queries.device)
-    self_offset = query_offset if ref_includes_query else None
-    return query_labels, references, reference_labels, self_offset
+    result.classes = sets.label_values[result.classes]
+    return result
 
 
 def _far_closeness_range(
