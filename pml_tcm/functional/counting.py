@@ -120,9 +120,12 @@ class _GridCounter:
         values = values.to(dtype)
         edges, lo, hi = self._edges_of(dtype, values.device)
         size = self.grid_size
-        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        scale = (size - 1) / (hi - lo) if hi > lo else math.inf
+        # (a scale beyond the dtype's range, as for a 1e-40-wide range, would turn
+        # 0 * inf into NaN: such grids are searched)
+        if not (math.isfinite(lo) and math.isfinite(hi) and scale < torch.finfo(dtype).max / 4):
             return torch.searchsorted(edges[1:-1], values, right=True)
-        count = ((values - lo) * ((size - 1) / (hi - lo))).floor_().add_(1).clamp_(0, size)
+        count = ((values - lo) * scale).floor_().add_(1).clamp_(0, size)
         count = count.to(torch.int64)
         count += (values >= edges.index_select(0, count + 1)).to(torch.int64)
         count -= (values < edges.index_select(0, count)).to(torch.int64)

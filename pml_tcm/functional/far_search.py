@@ -64,6 +64,10 @@ def num_negative_pairs(stream: PairStream, *, distributed: bool) -> int:
     return int(all_reduce(negatives.sum().reshape(1), distributed=distributed))
 
 
+class FarSearchError(RuntimeError):
+    """The exact FAR search ran out of passes (it never returns a partial result)."""
+
+
 class FarThresholds(NamedTuple):
     """The result of :func:`far_closeness_thresholds`.
 
@@ -346,6 +350,9 @@ def far_closeness_thresholds(
 
     Returns:
         The :class:`FarThresholds`.
+
+    Raises:
+        FarSearchError: a threshold not isolated within ``MAX_PASSES`` passes.
     """
     targets = [_Target(rank=r) for r in ranks]
     if num_negatives > collect_limit:
@@ -370,6 +377,13 @@ def far_closeness_thresholds(
             retained, retained_floor = kept_pairs, floor
         for j, target in enumerate(open_targets):
             _narrow(target, j, tally, distributed=distributed, collect_limit=collect_limit)
+    unresolved = [t.rank for t in targets if t.value is None]
+    if unresolved:
+        raise FarSearchError(
+            f"the exact FAR threshold search stopped after {MAX_PASSES} passes without "
+            f"isolating the negatives of rank {unresolved} (from the top of {num_negatives}); "
+            "raise collect_limit so that the bracket's values can be collected"
+        )
     return FarThresholds(
         values=[t.value for t in targets], retained=retained, retained_floor=retained_floor
     )

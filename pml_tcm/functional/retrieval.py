@@ -31,6 +31,7 @@ from torch import Tensor
 from . import validation
 from .labels import dense_class_ids
 from .normalize import unit_rows
+from .streaming import unit_products
 
 RETRIEVAL_METRICS = ("precision_at_1", "mean_average_precision_at_r")
 DEFAULT_MAX_BYTES = 256 * 2**20
@@ -194,9 +195,9 @@ def _scores(queries: Tensor, refs: Tensor, chunk: Tensor, buffer: Tensor) -> np.
     """``(len(chunk), M)`` similarities of the chunk's queries, in ``buffer`` (host)."""
     block = buffer[: chunk.numel()]
     if queries.device.type == "cpu":
-        torch.mm(queries[chunk], refs.T, out=block)
+        unit_products(queries[chunk], refs, out=block)
     else:
-        block.copy_(queries[chunk.to(queries.device)] @ refs.T)
+        block.copy_(unit_products(queries[chunk.to(queries.device)], refs))
     return block.numpy()
 
 

@@ -44,8 +44,34 @@ DEFAULT_BLOCK_ELEMENTS = 1 << 26
 MAX_CHUNK_ROWS = 4096
 
 
+MIN_GEMM_ROWS = 8
+"""Both operands of a score product get at least this many rows: with fewer, BLAS takes
+a matrix-vector path whose rounding differs, and a score would depend on how the queries
+were chunked (identical rows came out as 0.99999994, 1.0 or 1.0000001)."""
+
+
+def unit_products(queries: Tensor, references: Tensor, out: Tensor | None = None) -> Tensor:
+    """``queries @ references.T`` of unit rows, clamped to ``[-1, 1]``, with the same
+    rounding whatever the number of rows (see :data:`MIN_GEMM_ROWS`). ``(n, D), (M, D)
+    -> (n, M)``, written into ``out`` when given."""
+    rows, columns = queries.shape[0], references.shape[0]
+    if rows < MIN_GEMM_ROWS:
+        queries = torch.cat([queries, queries.new_zeros(MIN_GEMM_ROWS - rows, queries.shape[1])])
+    if columns < MIN_GEMM_ROWS:
+        references = torch.cat(
+            [references, references.new_zeros(MIN_GEMM_ROWS - columns, references.shape[1])]
+        )
+    if out is not None and rows >= MIN_GEMM_ROWS and columns >= MIN_GEMM_ROWS:
+        torch.mm(queries, references.T, out=out)
+    else:
+        product = (queries @ references.T)[:rows, :columns]
+        out = product.contiguous() if out is None else out.copy_(product)
+    return out.clamp_(-1.0, 1.0)
+
+
 def cosine_similarity_scores(queries: Tensor, references: Tensor) -> Tensor:
-    """Cosine similarity of every query with every reference.
+    """Cosine similarity of every query with every reference, clamped to ``[-1, 1]``
+    (rounding can put the cosine of identical rows just above 1).
 
     Args:
         queries: ``(n, D)`` floating point.
@@ -54,7 +80,7 @@ def cosine_similarity_scores(queries: Tensor, references: Tensor) -> Tensor:
     Returns:
         ``(n, M)`` similarities (a zero row has similarity 0 with everything).
     """
-    return unit_rows(queries) @ unit_rows(references).T
+    return unit_products(unit_rows(queries), unit_rows(references))
 
 
 def default_chunk_size(num_references: int) -> int:
@@ -211,8 +237,8 @@ class PairStream:
             if self._score_buffer is None:
                 self._score_buffer = references.new_empty(self._block_capacity())
             block = self._score_buffer[: rows * self.num_references].view(rows, -1)
-            # the same product as cosine_similarity_scores: unit_rows(q) @ unit_rows(r).T
-            torch.mm(unit_rows(queries), references.T, out=block)
+            # the same values as cosine_similarity_scores(queries, references)
+            unit_products(unit_rows(queries), references, out=block)
             if not self.higher_is_closer:
                 block.neg_()
             return block
