@@ -25,8 +25,7 @@ from torch import Tensor
 
 from .collectives import all_gather_values, all_reduce, global_classes
 from .far_search import far_closeness_thresholds, far_rank, num_negative_pairs
-from .pairs import pair_masks
-from .streaming import PairStream, ScoreFn, cosine_similarity_scores
+from .streaming import PairStream, ScoreFn, ceil_to_dtype, cosine_similarity_scores
 
 
 def class_error_counts(
@@ -37,11 +36,15 @@ def class_error_counts(
     device = stream.queries.device
     false_accepts = torch.zeros(num_classes, dtype=torch.int64, device=device)
     true_accepts = torch.zeros(num_classes, dtype=torch.int64, device=device)
-    for start, end in stream.chunks():
-        values, class_index, is_positive = stream.pairs_at_or_above(closeness_threshold, start, end)
-        accepted = values.to(torch.float64) >= closeness_threshold
-        true_accepts += torch.bincount(class_index[accepted & is_positive], minlength=num_classes)
-        false_accepts += torch.bincount(class_index[accepted & ~is_positive], minlength=num_classes)
+    for piece in stream.pieces():
+        values, class_index, is_positive = stream.pairs_at_or_above(closeness_threshold, piece)
+        true_accepts += torch.bincount(class_index[is_positive], minlength=num_classes)
+        false_accepts += torch.bincount(class_index[~is_positive], minlength=num_classes)
+    for slab in stream.positive_slabs():
+        block, self_scores = stream.slab_scores(slab)
+        limit = ceil_to_dtype(closeness_threshold, block.dtype)
+        accepted = (block >= limit).sum() - (self_scores >= limit).sum()
+        true_accepts[slab.class_index] += accepted
     positives, negatives = stream.pair_totals()
     for tensor in (false_accepts, true_accepts):
         all_reduce(tensor, distributed=distributed)
@@ -52,13 +55,11 @@ def class_error_counts(
 
 def positive_scores(stream: PairStream, distributed: bool = False) -> Tensor:
     """All positive-pair closeness scores (1-D, unordered), over all ranks."""
-    out = []
-    for start, end in stream.chunks():
-        scores = stream.scores(start, end)
-        offset = None if stream.self_offset is None else stream.self_offset + start
-        positive, _ = pair_masks(stream.query_labels[start:end], stream.reference_labels, offset)
-        out.append(scores[positive])
+    from .opis import _positive_values
+
+    out = list(_positive_values(stream))
     values = torch.cat(out) if out else stream.queries.new_zeros(0)
+    values = values[~torch.isnan(values)]
     return all_gather_values(values, distributed=distributed)
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .streaming import ChunkPairs, PairStream
+from .streaming import ChunkPairs, PairStream, PositiveSlab, slab_histogram
 
 
 def ceil_grid(grid: Tensor, dtype: torch.dtype) -> Tensor:
@@ -103,6 +103,24 @@ class _GridCounter:
         self_keys = row_key.index_select(0, pairs.self_rows) + self.buckets(pairs.self_values)
         self.negative.add(self_keys, -1)
 
+    def add_slab(self, slab: PositiveSlab) -> None:
+        """Count a large class's positive slab where it lies: a histogram of the block
+        on the rounded-up grid (no pair gathered), minus its self pairs."""
+        block, self_scores = self.stream.slab_scores(slab)
+        offset = slab.class_index * (self.grid_size + 1)
+        target = self.positive.counts[offset + 1 : offset + 1 + self.grid_size]
+        if block.device.type == "cpu":
+            dtype = torch.float64 if block.dtype == torch.float64 else torch.float32
+            edges = self._edges_of(dtype, block.device)[0]
+            top = torch.full((1,), torch.finfo(dtype).max, dtype=dtype, device=block.device)
+            target += slab_histogram(block.to(dtype), torch.cat([edges[1:-1], top]))
+        else:  # torch.histogram is CPU-only: exact buckets, then one bincount
+            buckets = self.buckets(block.reshape(-1))
+            target += torch.bincount(buckets, minlength=self.grid_size + 1)[1:]
+        if self_scores.numel():
+            self_keys = offset + self.buckets(self_scores)
+            self.positive.add(self_keys, -1)
+
     def histograms(self) -> tuple[Tensor, Tensor]:
         """``(positive, negative)`` histograms, each ``(C, G)`` int64."""
         shape = (self.num_classes, self.grid_size + 1)
@@ -159,8 +177,9 @@ def grid_histograms(
     Args:
         stream: the pairs of this rank's queries.
         closeness_grid: ``(G,)`` ascending closeness thresholds.
-        retained: the pairs of every chunk, gathered at or below ``g_0`` (kept by the FAR
-            search), or ``None`` for a pass over all chunks.
+        retained: the pairs of every piece, gathered at or below ``g_0`` (kept by the FAR
+            search), or ``None`` for a pass over all pieces. The large classes' positive
+            slabs are counted in place after them.
 
     Returns:
         ``(positive, negative)``, each ``(C, G)`` int64: ``[c, i]`` counts the pairs of
@@ -169,7 +188,9 @@ def grid_histograms(
     counter = _GridCounter(stream, closeness_grid)
     if retained is None:
         floor = float(closeness_grid[0])
-        retained = (stream.scan(floor, s, e) for s, e in stream.chunks())
+        retained = (stream.scan(floor, piece) for piece in stream.pieces())
     for pairs in retained:
         counter.add(pairs)
+    for slab in stream.positive_slabs():
+        counter.add_slab(slab)
     return counter.histograms()

@@ -256,8 +256,8 @@ def _exact_pass(
     chunks' pairs when they number at most ``retain_limit`` scores, else ``None``."""
     kept_pairs: list[ChunkPairs] | None = []
     kept = 0
-    for start, end in stream.chunks():
-        pairs = stream.scan(floor, start, end, keep_positions=True)
+    for piece in stream.pieces():
+        pairs = stream.scan(floor, piece, keep_positions=True)
         tally.add(stream, pairs)
         pairs.positions = None
         if kept_pairs is not None:

@@ -35,7 +35,6 @@ import torch
 from torch import Tensor
 
 from .normalize import unit_rows
-from .pairs import self_pair_columns
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 """``(queries (n, D), references (M, D)) -> scores (n, M)``, floating point."""
@@ -102,15 +101,56 @@ def ceil_to_dtype(value: float, dtype: torch.dtype) -> float:
     return float(rounded)
 
 
+LARGE_CLASS_REFERENCES = 256
+"""A query class with at least this many references is *large*: its rows are streamed in
+chunks of their own, the columns of the other classes (all negative pairs) in the main
+pass and its own columns (all positive pairs) only once the grid is known, where they are
+histogrammed in place instead of gathered (see :meth:`PairStream.positive_slabs`)."""
+
+HISTOGRAM_CALL_ELEMENTS = 1 << 24
+"""``torch.histogram`` counts in the scores' dtype: float32 is exact up to 2^24."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Query rows ``[start, end)`` against reference columns ``[column_start,
+    column_end)`` (the stream's sorted order); ``negative_only``: every pair is negative
+    (the other classes' columns of a large class's chunk)."""
+
+    start: int
+    end: int
+    column_start: int
+    column_end: int
+    negative_only: bool
+
+    @property
+    def width(self) -> int:
+        return self.column_end - self.column_start
+
+
+@dataclass(frozen=True)
+class PositiveSlab:
+    """The rows ``[start, end)`` of large class ``class_index`` against its own reference
+    columns ``[column_start, column_end)``: positive pairs, plus each row's self pair when
+    the references include the queries."""
+
+    start: int
+    end: int
+    class_index: int
+    column_start: int
+    column_end: int
+
+
 @dataclass
 class ChunkPairs:
-    """The pairs of query rows ``[start, end)`` whose score is ``>= floor``.
+    """The pairs of one :class:`Piece` whose score is ``>= floor``.
 
     ``values`` holds every such pair (positive, negative and self pair alike) in row-major
     order, ``row_counts`` how many of them each query row has: the class of a pair is the
     class of its row, so no per-pair label is stored. The positive pairs (same label, not
     the self pair) and the self pairs are gathered directly by position and kept apart, so
-    the negatives are ``values`` minus both (counted, never separated).
+    the negatives are ``values`` minus both (counted, never separated). A
+    ``negative_only`` piece has neither.
 
     Attributes:
         start: first query row.
@@ -121,8 +161,11 @@ class ChunkPairs:
         positive_rows: ``(len(positive_values),)`` int64 rows (relative to ``start``).
         self_values: scores of the self pairs ``>= floor``.
         self_rows: int64 rows of the self pairs (relative to ``start``).
-        positions: ``(P,)`` int64 ``row · M + column`` of ``values`` (relative rows), or
-            ``None`` once dropped (only the FAR search needs it).
+        negative_only: every pair of ``values`` is negative.
+        width: columns of the piece (``positions`` are ``row · width + column``).
+        column_start: the piece's first reference column.
+        positions: ``(P,)`` int64 ``row · width + column`` of ``values`` (relative rows and
+            columns), or ``None`` once dropped (only the FAR search needs it).
     """
 
     start: int
@@ -133,6 +176,9 @@ class ChunkPairs:
     positive_rows: Tensor
     self_values: Tensor
     self_rows: Tensor
+    negative_only: bool = False
+    width: int = 0
+    column_start: int = 0
     positions: Tensor | None = None
 
     @property
@@ -146,10 +192,16 @@ class ChunkPairs:
 class PairStream:
     """The query chunks of one rank against the full reference set.
 
-    With the default :func:`cosine_similarity_scores` the references are normalized once
-    and every block is written into one reused buffer (a fresh block per chunk costs page
+    Queries and references are held sorted by class (stable), so that each class's
+    references are one column range: the rows of a large class (at least
+    :data:`LARGE_CLASS_REFERENCES` references) form chunks of their own whose pairs split
+    into negative-only pieces (the other columns) and one positive slab (its own
+    columns). Results do not depend on the order (every count is per class or pooled).
+
+    With the default :func:`cosine_similarity_scores` both sets are normalized once and
+    every block is written into one reused buffer (a fresh block per chunk costs page
     faults comparable to the matrix product itself); the values are bit-equal to calling
-    the score function on the chunk. Any other ``score_fn`` is called per chunk.
+    the score function on the rows. Any other ``score_fn`` is called per block.
 
     Args:
         queries: ``(N, D)`` floating point (this rank's shard).
@@ -177,78 +229,119 @@ class PairStream:
         higher_is_closer: bool,
         chunk_size: int | None,
     ) -> None:
-        self.queries = queries
-        self.query_labels = query_labels
-        self.references = references
-        self.reference_labels = reference_labels
+        query_order = torch.argsort(query_labels, stable=True)
+        same_sets = references is queries and reference_labels is query_labels
+        reference_order = query_order if same_sets else torch.argsort(reference_labels, stable=True)
+        self.cosine = score_fn is cosine_similarity_scores
+        self.queries = self._sorted_rows(queries, query_order)
+        self.references = (
+            self.queries if same_sets else self._sorted_rows(references, reference_order)
+        )
+        self.query_labels = query_labels.index_select(0, query_order)
+        self.reference_labels = reference_labels.index_select(0, reference_order)
         self.classes = classes
-        self.query_class = torch.searchsorted(classes, query_labels)
-        self.self_offset = self_offset
+        self.query_class = torch.searchsorted(classes, self.query_labels)
+        self.self_columns: Tensor | None = None
+        if self_offset is not None:
+            position = torch.empty_like(reference_order)
+            position[reference_order] = torch.arange(
+                reference_order.numel(), device=reference_order.device
+            )
+            self.self_columns = position.index_select(0, query_order + self_offset)
         self.score_fn = score_fn
         self.higher_is_closer = higher_is_closer
-        self.chunk_size = chunk_size or default_chunk_size(references.shape[0])
-        self._normalized_references: Tensor | None = None
+        self.chunk_size = chunk_size or default_chunk_size(self.references.shape[0])
+        self.reference_first = torch.searchsorted(self.reference_labels, classes)
+        self.reference_count = (
+            torch.searchsorted(self.reference_labels, classes, right=True) - self.reference_first
+        )
         self._score_buffer: Tensor | None = None
         self._mask_buffer: Tensor | None = None
-        self._same_label_layout: tuple[Tensor, Tensor, Tensor] | None = None
         self._positive_pair_ends: list[int] | None = None
+        self._pieces, self._slabs = self._plan()
+
+    def _sorted_rows(self, rows: Tensor, order: Tensor) -> Tensor:
+        sorted_rows = rows.index_select(0, order)
+        return unit_rows(sorted_rows) if self.cosine else sorted_rows
 
     @property
     def num_references(self) -> int:
         return self.references.shape[0]
 
+    def _plan(self) -> tuple[list[Piece], list[PositiveSlab]]:
+        """The pieces of the main pass and the positive slabs (host-side, one copy of the
+        per-class counts)."""
+        num_queries, width = self.queries.shape[0], self.num_references
+        queries_per_class = torch.bincount(self.query_class, minlength=self.classes.shape[0])
+        runs = torch.stack([queries_per_class, self.reference_first, self.reference_count])
+        pieces: list[Piece] = []
+        slabs: list[PositiveSlab] = []
+        small_start = row = 0
+
+        def small_run(end: int) -> None:
+            for start in range(small_start, end, self.chunk_size):
+                pieces.append(Piece(start, min(end, start + self.chunk_size), 0, width, False))
+
+        for index, (rows, first, count) in enumerate(runs.T.cpu().tolist()):
+            if rows == 0:
+                continue
+            if count >= LARGE_CLASS_REFERENCES:
+                small_run(row)
+                for start in range(row, row + rows, self.chunk_size):
+                    end = min(row + rows, start + self.chunk_size)
+                    if first > 0:
+                        pieces.append(Piece(start, end, 0, first, True))
+                    if first + count < width:
+                        pieces.append(Piece(start, end, first + count, width, True))
+                    slabs.append(PositiveSlab(start, end, index, first, first + count))
+                small_start = row + rows
+            row += rows
+        small_run(num_queries)
+        return pieces, slabs
+
+    def pieces(self) -> list[Piece]:
+        """The pieces of the main pass, in row order."""
+        return self._pieces
+
+    def positive_slabs(self) -> list[PositiveSlab]:
+        """The positive slabs of the large classes (empty without any)."""
+        return self._slabs
+
     def pair_totals(self) -> tuple[Tensor, Tensor]:
         """``(positives, negatives)`` per class, ``(C,)`` int64 each: all pairs of this
         rank's queries, from label counts alone (no score)."""
         num_classes = self.classes.shape[0]
-        in_classes = torch.isin(self.reference_labels, self.classes)
-        reference_count = torch.bincount(
-            torch.searchsorted(self.classes, self.reference_labels[in_classes]),
-            minlength=num_classes,
-        )
         queries_per_class = torch.bincount(self.query_class, minlength=num_classes)
-        self_pairs = 1 if self.self_offset is not None else 0
-        positives = queries_per_class * (reference_count - self_pairs)
-        negatives = queries_per_class * (self.reference_labels.shape[0] - reference_count)
+        self_pairs = queries_per_class if self.self_columns is not None else 0
+        positives = queries_per_class * self.reference_count - self_pairs
+        negatives = queries_per_class * (self.num_references - self.reference_count)
         return positives, negatives
 
     def _block_capacity(self) -> int:
         """Scores in the largest block: ``min(chunk_size, N) · M``."""
         return min(self.chunk_size, self.queries.shape[0]) * self.num_references
 
-    def scores(self, start: int, end: int) -> Tensor:
-        """A fresh ``(end - start, M)`` closeness block of queries ``[start, end)``."""
-        return self._closeness(self.queries[start:end], reuse_buffer=False)
-
-    def chunks(self) -> Iterator[tuple[int, int]]:
-        """``(start, end)`` of each chunk of query rows, in order."""
-        for start in range(0, self.queries.shape[0], self.chunk_size):
-            yield start, min(start + self.chunk_size, self.queries.shape[0])
-
-    def _closeness(self, queries: Tensor, reuse_buffer: bool = True) -> Tensor:
-        """Closeness of ``queries`` (at most ``chunk_size`` rows) against the references,
-        contiguous; with ``reuse_buffer`` it may live in a buffer that the next call
-        overwrites."""
-        rows = queries.shape[0]
-        if self.score_fn is cosine_similarity_scores and reuse_buffer:
-            if self._normalized_references is None:
-                self._normalized_references = unit_rows(self.references)
-            references = self._normalized_references
+    def closeness(self, start: int, end: int, column_start: int, column_end: int) -> Tensor:
+        """The ``(end - start, column_end - column_start)`` closeness block, contiguous;
+        with the cosine score it lives in a buffer that the next call overwrites."""
+        queries = self.queries[start:end]
+        references = self.references[column_start:column_end]
+        if self.cosine:
+            rows, columns = queries.shape[0], references.shape[0]
             if self._score_buffer is None:
                 self._score_buffer = references.new_empty(self._block_capacity())
-            block = self._score_buffer[: rows * self.num_references].view(rows, -1)
-            # the same values as cosine_similarity_scores(queries, references)
-            unit_products(unit_rows(queries), references, out=block)
+            block = self._score_buffer[: rows * columns].view(rows, columns)
+            unit_products(queries, references, out=block)
             if not self.higher_is_closer:
                 block.neg_()
             return block
-        block = self.score_fn(queries, self.references)
+        block = self.score_fn(queries, references)
         return (block if self.higher_is_closer else block.neg()).contiguous()
 
     def _positions_at_or_above(self, block: Tensor, floor: float) -> Tensor:
-        """Row-major positions (``row · M + column``) of the entries ``>= floor``; NaN never
-        passes. One compare into a reused mask, then ``nonzero`` over the mask read as
-        64-bit words (eight entries each) and over the few words that hold a hit."""
+        """Row-major positions (``row · width + column``) of the entries ``>= floor``; NaN
+        never passes. One compare into a reused mask, then ``nonzero`` over the mask read
+        as 64-bit words (eight entries each) and over the few words that hold a hit."""
         count = block.numel()
         padded = -(-count // 8) * 8
         if self._mask_buffer is None or self._mask_buffer.numel() < padded:
@@ -263,33 +356,19 @@ class PairStream:
         within = hit_bytes.nonzero().squeeze(1)  # 8 · (index in hit_words) + byte
         return hit_words.index_select(0, within >> 3) * 8 + (within & 7)
 
-    def _label_layout(self) -> tuple[Tensor, Tensor, Tensor]:
-        """References sorted by label (``order``) and, per class, where its references
-        start in that order (``first``) and how many there are (``count``)."""
-        if self._same_label_layout is None:
-            order = torch.argsort(self.reference_labels, stable=True)
-            sorted_labels = self.reference_labels.index_select(0, order)
-            first = torch.searchsorted(sorted_labels, self.classes)
-            count = torch.searchsorted(sorted_labels, self.classes, right=True) - first
-            self._same_label_layout = (order, first, count)
-        return self._same_label_layout
-
     def _same_label_positions(self, start: int, end: int) -> tuple[Tensor, Tensor]:
         """``(rows, columns)`` of the positive pairs of queries ``[start, end)`` (same label,
         self pair excluded), rows relative to ``start``."""
-        order, first, count = self._label_layout()
         row_class = self.query_class[start:end]
-        lengths = count.index_select(0, row_class)
+        lengths = self.reference_count.index_select(0, row_class)
         device = row_class.device
         rows = torch.repeat_interleave(torch.arange(end - start, device=device), lengths)
         row_begin = torch.cumsum(lengths, 0) - lengths
         within = torch.arange(rows.numel(), device=device) - row_begin.index_select(0, rows)
-        row_first = first.index_select(0, row_class).index_select(0, rows)
-        columns = order.index_select(0, row_first + within)
-        if self.self_offset is not None:
-            keep = (
-                (columns != self_pair_columns(rows, start + self.self_offset)).nonzero().squeeze(1)
-            )
+        columns = self.reference_first.index_select(0, row_class).index_select(0, rows) + within
+        if self.self_columns is not None:
+            own = self.self_columns[start:end].index_select(0, rows)
+            keep = (columns != own).nonzero().squeeze(1)
             rows, columns = rows.index_select(0, keep), columns.index_select(0, keep)
         return rows, columns
 
@@ -297,107 +376,122 @@ class PairStream:
         """Same-label pairs of queries ``[start, end)`` (self pairs included): a host-side
         count (one copy to the host per stream), to pick the cheaper positive gather."""
         if self._positive_pair_ends is None:
-            per_row = self._label_layout()[2].index_select(0, self.query_class)
+            per_row = self.reference_count.index_select(0, self.query_class)
             self._positive_pair_ends = torch.cumsum(per_row, 0).cpu().tolist()
         ends = self._positive_pair_ends
         return ends[end - 1] - (ends[start - 1] if start else 0) if end > start else 0
 
-    def _positives_among(
-        self, positions: Tensor, values: Tensor, start: int
-    ) -> tuple[Tensor, Tensor]:
-        """The positive pairs among the pairs at ``positions`` (row-major, rows relative to
-        ``start``) with scores ``values``, by looking up both labels of each pair: cheaper
-        than :meth:`_same_label_positions` when the positives outnumber these pairs (few
-        classes). Returns ``(scores, rows)``."""
-        rows = torch.div(positions, self.num_references, rounding_mode="floor")
-        columns = positions - rows * self.num_references
+    def _is_positive(self, rows: Tensor, columns: Tensor, start: int) -> Tensor:
+        """Whether the pairs ``(start + rows, columns)`` are positive (bool)."""
         positive = self.query_labels.index_select(0, rows + start) == (
             self.reference_labels.index_select(0, columns)
         )
-        if self.self_offset is not None:
-            positive &= columns != self_pair_columns(rows, start + self.self_offset)
-        kept = positive.nonzero().squeeze(1)
-        return values.index_select(0, kept), rows.index_select(0, kept)
+        if self.self_columns is not None:
+            positive &= columns != self.self_columns.index_select(0, rows + start)
+        return positive
+
+    def _is_self(self, rows: Tensor, columns: Tensor, start: int) -> Tensor:
+        if self.self_columns is None:
+            return torch.zeros_like(columns, dtype=torch.bool)
+        return columns == self.self_columns.index_select(0, rows + start)
 
     def _self_positions(self, start: int, end: int) -> tuple[Tensor, Tensor]:
         """``(rows, columns)`` of the self pairs of queries ``[start, end)`` (rows relative)."""
         device = self.query_class.device
-        if self.self_offset is None:
+        if self.self_columns is None:
             empty = torch.zeros(0, dtype=torch.int64, device=device)
             return empty, empty
-        rows = torch.arange(end - start, device=device)
-        columns = self_pair_columns(rows, start + self.self_offset)
-        inside = columns < self.num_references
-        return rows[inside], columns[inside]
+        return torch.arange(end - start, device=device), self.self_columns[start:end]
 
-    def scan(self, floor: float, start: int, end: int, keep_positions: bool = False) -> ChunkPairs:
-        """The pairs of queries ``[start, end)`` with closeness ``>= floor`` (one block,
-        filtered once); ``keep_positions`` keeps their flat positions (FAR search)."""
-        block = self._closeness(self.queries[start:end])
+    def scan(self, floor: float, piece: Piece, keep_positions: bool = False) -> ChunkPairs:
+        """The pairs of ``piece`` with closeness ``>= floor`` (one block, filtered once);
+        ``keep_positions`` keeps their flat positions (FAR search)."""
+        start, end = piece.start, piece.end
+        block = self.closeness(start, end, piece.column_start, piece.column_end)
         flat_block = block.view(-1)
-        num_references = self.num_references
+        width = piece.width
         positions = self._positions_at_or_above(block, floor)
         values = flat_block.index_select(0, positions)
-        boundaries = torch.arange(end - start + 1, device=positions.device) * num_references
+        boundaries = torch.arange(end - start + 1, device=positions.device) * width
         row_counts = torch.diff(torch.searchsorted(positions, boundaries))
-        floor_value = ceil_to_dtype(floor, block.dtype)
-
-        def gather(rows: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
-            scores = flat_block.index_select(0, rows * num_references + columns)
-            kept = (scores >= floor_value).nonzero().squeeze(1)
-            return scores.index_select(0, kept), rows.index_select(0, kept)
-
-        if self._positive_pairs(start, end) <= positions.numel():
-            positive_values, positive_rows = gather(*self._same_label_positions(start, end))
-        else:  # few classes: fewer pairs pass the floor than there are positives
-            positive_values, positive_rows = self._positives_among(positions, values, start)
-        self_values, self_rows = gather(*self._self_positions(start, end))
-        return ChunkPairs(
+        empty_rows = torch.zeros(0, dtype=torch.int64, device=positions.device)
+        empty = values[:0]
+        pairs = ChunkPairs(
             start=start,
             end=end,
             values=values,
             row_counts=row_counts,
-            positive_values=positive_values,
-            positive_rows=positive_rows,
-            self_values=self_values,
-            self_rows=self_rows,
+            positive_values=empty,
+            positive_rows=empty_rows,
+            self_values=empty,
+            self_rows=empty_rows,
+            negative_only=piece.negative_only,
+            width=width,
+            column_start=piece.column_start,
             positions=positions if keep_positions else None,
         )
+        if piece.negative_only:
+            return pairs
+        floor_value = ceil_to_dtype(floor, block.dtype)
+
+        def gather(rows: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
+            scores = flat_block.index_select(0, rows * width + columns)
+            kept = (scores >= floor_value).nonzero().squeeze(1)
+            return scores.index_select(0, kept), rows.index_select(0, kept)
+
+        if self._positive_pairs(start, end) <= positions.numel():
+            pairs.positive_values, pairs.positive_rows = gather(
+                *self._same_label_positions(start, end)
+            )
+        else:  # few classes: fewer pairs pass the floor than there are positives
+            rows = torch.div(positions, width, rounding_mode="floor")
+            kept = self._is_positive(rows, positions - rows * width, start).nonzero().squeeze(1)
+            pairs.positive_values = values.index_select(0, kept)
+            pairs.positive_rows = rows.index_select(0, kept)
+        pairs.self_values, pairs.self_rows = gather(*self._self_positions(start, end))
+        return pairs
 
     def negatives_of(self, pairs: ChunkPairs, selected: Tensor) -> Tensor:
         """Which of ``pairs.values[selected]`` are negative pairs (bool, same length)."""
+        if pairs.negative_only:
+            return torch.ones_like(selected, dtype=torch.bool)
         assert pairs.positions is not None
         positions = pairs.positions.index_select(0, selected)
-        rows = torch.div(positions, self.num_references, rounding_mode="floor")
-        columns = positions - rows * self.num_references
-        negative = self.query_labels.index_select(0, rows + pairs.start) != (
+        rows = torch.div(positions, pairs.width, rounding_mode="floor")
+        columns = positions - rows * pairs.width + pairs.column_start
+        same = self.query_labels.index_select(0, rows + pairs.start) == (
             self.reference_labels.index_select(0, columns)
         )
-        if self.self_offset is not None:
-            negative &= columns != self_pair_columns(rows, pairs.start + self.self_offset)
-        return negative
+        return ~same & ~self._is_self(rows, columns, pairs.start)
 
-    def pairs_at_or_above(
-        self, floor: float, start: int, end: int, scores: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Pairs of queries ``[start, end)`` with score ``>= floor`` (self pairs dropped).
+    def pairs_at_or_above(self, floor: float, piece: Piece) -> tuple[Tensor, Tensor, Tensor]:
+        """Pairs of ``piece`` with score ``>= floor`` (self pairs dropped).
 
         Returns ``(scores, class_index, is_positive)``, each 1-D. NaN scores never pass.
         """
-        block = self._closeness(self.queries[start:end]) if scores is None else scores
-        positions = self._positions_at_or_above(block.contiguous(), floor)
-        values = block.reshape(-1).index_select(0, positions)
-        rows = torch.div(positions, self.num_references, rounding_mode="floor")
-        columns = positions - rows * self.num_references
-        is_positive = self.query_labels.index_select(0, rows + start) == (
-            self.reference_labels.index_select(0, columns)
-        )
-        if self.self_offset is not None:
-            keep = (
-                (columns != self_pair_columns(rows, start + self.self_offset)).nonzero().squeeze(1)
-            )
-            rows, values, is_positive = rows[keep], values[keep], is_positive[keep]
-        return values, self.query_class.index_select(0, rows + start), is_positive
+        block = self.closeness(piece.start, piece.end, piece.column_start, piece.column_end)
+        positions = self._positions_at_or_above(block, floor)
+        values = block.view(-1).index_select(0, positions)
+        rows = torch.div(positions, piece.width, rounding_mode="floor")
+        if piece.negative_only:
+            is_positive = torch.zeros_like(rows, dtype=torch.bool)
+        else:
+            columns = positions - rows * piece.width + piece.column_start
+            keep = (~self._is_self(rows, columns, piece.start)).nonzero().squeeze(1)
+            rows, values = rows.index_select(0, keep), values.index_select(0, keep)
+            is_positive = self._is_positive(rows, columns.index_select(0, keep), piece.start)
+        return values, self.query_class.index_select(0, rows + piece.start), is_positive
+
+    def slab_scores(self, slab: PositiveSlab) -> tuple[Tensor, Tensor]:
+        """``(block, self_scores)``: the slab's ``(rows, columns)`` closeness block (every
+        entry a positive pair except the self pairs) and the closeness of each row's self
+        pair (empty without self pairs); the block may live in the reused buffer."""
+        block = self.closeness(slab.start, slab.end, slab.column_start, slab.column_end)
+        if self.self_columns is None:
+            return block, block.new_zeros(0)
+        columns = self.self_columns[slab.start : slab.end] - slab.column_start
+        rows = torch.arange(slab.end - slab.start, device=columns.device)
+        return block, block.view(-1).index_select(0, rows * block.shape[1] + columns)
 
     def negative_sample(self, rows: Tensor, budget: int) -> Tensor:
         """Every ``stride``-th pair (row-major) of the blocks of the given query rows, about
@@ -408,7 +502,12 @@ class PairStream:
         out = []
         for start in range(0, rows.shape[0], self.chunk_size):
             picked = rows[start : start + self.chunk_size]
-            block = self._closeness(self.queries.index_select(0, picked))
+            queries = self.queries.index_select(0, picked)
+            if self.cosine:
+                block = unit_products(queries, self.references)
+            else:
+                block = self.score_fn(queries, self.references)
+            block = (block if self.higher_is_closer else block.neg()).contiguous()
             positions = torch.arange(0, block.numel(), stride, device=block.device)
             sample_rows = torch.div(positions, num_references, rounding_mode="floor")
             columns = positions - sample_rows * num_references
@@ -417,3 +516,15 @@ class PairStream:
             )
             out.append(torch.where(negative, block.view(-1)[::stride], math.nan))
         return torch.cat(out) if out else self.queries.new_zeros(0)
+
+
+def slab_histogram(block: Tensor, edges: Tensor) -> Tensor:
+    """``(G,)`` int64 counts of ``block``'s entries per bucket ``[edges[i], edges[i+1])``
+    (the last bucket closed; entries below ``edges[0]`` are not counted), exactly: a
+    binary search on the edges themselves, in calls of at most 2^24 entries."""
+    flat = block.reshape(-1)
+    total = torch.zeros(edges.numel() - 1, dtype=torch.int64, device=block.device)
+    for start in range(0, flat.numel(), HISTOGRAM_CALL_ELEMENTS):
+        part = flat[start : start + HISTOGRAM_CALL_ELEMENTS]
+        total += torch.histogram(part, bins=edges).hist.to(torch.int64)
+    return total
