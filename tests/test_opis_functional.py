@@ -12,6 +12,7 @@ from _opis_reference import naive_opis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pml_tcm.functional import streaming
 from pml_tcm.functional.opis import (
     OPISState,
     cosine_similarity_scores,
@@ -20,7 +21,6 @@ from pml_tcm.functional.opis import (
     opis_update,
     threshold_grid,
 )
-from pml_tcm.functional import streaming
 from pml_tcm.functional.streaming import PairStream
 
 

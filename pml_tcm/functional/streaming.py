@@ -28,7 +28,7 @@ separated: every count of negatives is all pairs minus positives minus self pair
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
