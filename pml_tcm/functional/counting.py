@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .streaming import ChunkPairs, PairStream, PositiveSlab, slab_histogram
+from .streaming import ChunkPairs, PairStream, PositiveSlab
 
 
 def ceil_grid(grid: Tensor, dtype: torch.dtype) -> Tensor:
@@ -33,6 +33,10 @@ def ceil_grid(grid: Tensor, dtype: torch.dtype) -> Tensor:
     low = rounded.to(torch.float64) < grid
     bumped = torch.nextafter(rounded, torch.full_like(rounded, math.inf))
     return torch.where(low, bumped, rounded)
+
+
+HISTOGRAM_TILE = 1 << 16
+"""Values bucketed at a time by :meth:`_GridCounter.bucket_histogram` (cache-sized)."""
 
 
 class _KeyCounts:
@@ -104,22 +108,46 @@ class _GridCounter:
         self.negative.add(self_keys, -1)
 
     def add_slab(self, slab: PositiveSlab) -> None:
-        """Count a large class's positive slab where it lies: a histogram of the block
-        on the rounded-up grid (no pair gathered), minus its self pairs."""
+        """Count a large class's positive slab where it lies (no pair gathered): a
+        histogram of the block's buckets, minus its self pairs."""
         block, self_scores = self.stream.slab_scores(slab)
         offset = slab.class_index * (self.grid_size + 1)
-        target = self.positive.counts[offset + 1 : offset + 1 + self.grid_size]
-        if block.device.type == "cpu":
-            dtype = torch.float64 if block.dtype == torch.float64 else torch.float32
-            edges = self._edges_of(dtype, block.device)[0]
-            top = torch.full((1,), torch.finfo(dtype).max, dtype=dtype, device=block.device)
-            target += slab_histogram(block.to(dtype), torch.cat([edges[1:-1], top]))
-        else:  # torch.histogram is CPU-only: exact buckets, then one bincount
-            buckets = self.buckets(block.reshape(-1))
-            target += torch.bincount(buckets, minlength=self.grid_size + 1)[1:]
+        target = self.positive.counts[offset : offset + self.grid_size + 1]
+        target += self.bucket_histogram(block.reshape(-1))
         if self_scores.numel():
-            self_keys = offset + self.buckets(self_scores)
-            self.positive.add(self_keys, -1)
+            self.positive.add(offset + self.buckets(self_scores), -1)
+
+    def bucket_histogram(self, values: Tensor) -> Tensor:
+        """``(G + 1,)`` int64: how many ``values`` fall in each bucket (exact).
+
+        In cache-sized tiles: the arithmetic estimate of each value's bucket is counted,
+        then the few values that lie on the other side of an edge than estimated (rounding
+        near a grid point) are moved to their bucket."""
+        dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+        edges, lo, hi = self._edges_of(dtype, values.device)
+        size = self.grid_size
+        total = torch.zeros(size + 1, dtype=torch.int64, device=values.device)
+        scale = (size - 1) / (hi - lo) if hi > lo else math.inf
+        # the estimate below is exact up to one step while its rounding error, about
+        # eps * scale * |value| near the range, stays below 1/8 of a bucket
+        bound = max(abs(lo), abs(hi)) if math.isfinite(lo) and math.isfinite(hi) else math.inf
+        if not 8 * torch.finfo(dtype).eps * scale * bound < 1:
+            for start in range(0, values.numel(), HISTOGRAM_TILE):
+                tile = values[start : start + HISTOGRAM_TILE].to(dtype)
+                total += torch.bincount(self.buckets(tile), minlength=size + 1)
+            return total
+        # bucket estimate floor((v - lo) * scale + 3/4) (one fused multiply-add, then a
+        # clamp and a truncating cast): 1/4 below the exact position, more than its
+        # rounding error (< 1/8), so it is the bucket or the one below: one compare with
+        # the next edge settles it
+        shift = torch.tensor(0.75 - lo * scale, dtype=dtype, device=values.device)
+        next_edges = edges[1:]
+        for start in range(0, values.numel(), HISTOGRAM_TILE):
+            tile = values[start : start + HISTOGRAM_TILE].to(dtype)
+            count = torch.add(shift, tile, alpha=scale).clamp_(0, size).to(torch.int64)
+            count += tile >= next_edges.index_select(0, count)
+            total += torch.bincount(count, minlength=size + 1)
+        return total
 
     def histograms(self) -> tuple[Tensor, Tensor]:
         """``(positive, negative)`` histograms, each ``(C, G)`` int64."""

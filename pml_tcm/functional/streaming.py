@@ -107,9 +107,6 @@ chunks of their own, the columns of the other classes (all negative pairs) in th
 pass and its own columns (all positive pairs) only once the grid is known, where they are
 histogrammed in place instead of gathered (see :meth:`PairStream.positive_slabs`)."""
 
-HISTOGRAM_CALL_ELEMENTS = 1 << 24
-"""``torch.histogram`` counts in the scores' dtype: float32 is exact up to 2^24."""
-
 
 @dataclass(frozen=True)
 class Piece:
@@ -516,15 +513,3 @@ class PairStream:
             )
             out.append(torch.where(negative, block.view(-1)[::stride], math.nan))
         return torch.cat(out) if out else self.queries.new_zeros(0)
-
-
-def slab_histogram(block: Tensor, edges: Tensor) -> Tensor:
-    """``(G,)`` int64 counts of ``block``'s entries per bucket ``[edges[i], edges[i+1])``
-    (the last bucket closed; entries below ``edges[0]`` are not counted), exactly: a
-    binary search on the edges themselves, in calls of at most 2^24 entries."""
-    flat = block.reshape(-1)
-    total = torch.zeros(edges.numel() - 1, dtype=torch.int64, device=block.device)
-    for start in range(0, flat.numel(), HISTOGRAM_CALL_ELEMENTS):
-        part = flat[start : start + HISTOGRAM_CALL_ELEMENTS]
-        total += torch.histogram(part, bins=edges).hist.to(torch.int64)
-    return total
