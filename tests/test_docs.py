@@ -99,7 +99,10 @@ OPTIONAL_PACKAGES = {re.compile(r"\blogging_presets\b"): ("record_keeper", "tens
 
 
 def importable(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def missing_packages(code: str, is_importable: Callable[[str], bool] = importable) -> list[str]:
@@ -397,3 +400,77 @@ def test_every_cli_option_is_in_the_cli_reference() -> None:
                 continue
             shown = action.option_strings[-1] if action.option_strings else action.dest
             assert f"`{shown}" in page, f"pml-tcm {name} {shown} is missing from the CLI reference"
+
+
+# --- the README is a front page --------------------------------------------------------
+
+README = ROOT / "README.md"
+TEST_COMMAND = 'python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 && .venv/bin/pip install -q -e ".[dev]" && .venv/bin/python -m pytest -q'  # noqa: E501
+OLDEST_PML_COMMAND = 'python3 -m venv .venv-oldpml && .venv-oldpml/bin/pip install -q torch==2.13.0 && .venv-oldpml/bin/pip install -q -e ".[dev]" "pytorch-metric-learning==2.7.0" && .venv-oldpml/bin/python -m pytest -q'  # noqa: E501
+CPU_INDEX = "--index-url https://download.pytorch.org/whl/cpu"
+
+
+def _readme_command(marker: str) -> str:
+    """The first line of the first ```bash block after the marker, as .ci/run reads it."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if f"<!-- {marker} (" in line)
+    fence = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("```bash"))
+    return lines[fence + 1]
+
+
+def test_readme_keeps_the_ci_test_commands() -> None:
+    text = README.read_text(encoding="utf-8")
+    assert "<!-- test-command (run verbatim by .ci/run) -->\n```bash\n" in text
+    assert "<!-- test-command-oldest-pml (run verbatim by .ci/run) -->\n```bash\n" in text
+    assert _readme_command("test-command") == TEST_COMMAND
+    assert _readme_command("test-command-oldest-pml") == OLDEST_PML_COMMAND
+    run = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "readme_command test-command)" in run and "readme_command test-command-oldest-pml" in run
+
+
+def test_readme_is_a_front_page() -> None:
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 160
+    text = "\n".join(lines)
+    assert "one threshold" in text  # what it is for, before the code
+    assert text.index("one threshold") < text.index("## 60-second usage")
+    assert "weight=" in text[text.index("## 60-second usage") :].split("\n## ")[0]
+    tables = [i for i, line in enumerate(lines) if re.match(r"^\|(-+\|)+$", line)]
+    assert len(tables) == 2, "components and headline numbers only; benchmarks in docs/"
+
+
+def test_readme_cpu_only_torch_is_next_to_the_command_it_changes() -> None:
+    bash = [b.code for b in code_blocks(README) if b.language == "bash"]
+    first = next(i for i, code in enumerate(bash) if "torch==2.13.0" in code)
+    assert CPU_INDEX not in bash[first]
+    assert bash[first + 1] == bash[first].replace("torch==2.13.0", f"torch==2.13.0 {CPU_INDEX}", 1)
+    text = README.read_text(encoding="utf-8")
+    between = text[text.index(bash[first]) : text.index(bash[first + 1])]
+    assert "CUDA build" in between
+
+
+def test_readme_cites_no_torch_or_pml_outside_pyproject() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    (torch_bound,) = [d for d in project["dependencies"] if d.startswith("torch")]
+    lowest = tuple(int(p) for p in torch_bound.removeprefix("torch>=").split("."))
+    text = README.read_text(encoding="utf-8")
+    for cited in re.findall(r"torch[ =]=?(\d+\.\d+)", text):
+        assert tuple(int(p) for p in cited.split(".")) >= lowest, f"torch {cited} cited"
+    assert "pytorch-metric-learning>=2.7,<3" in project["dependencies"]
+    assert "pytorch-metric-learning>=2.7,<3" in text
+
+
+def test_readme_links_resolve() -> None:
+    text = README.read_text(encoding="utf-8")
+    links = re.findall(r"\]\(([^)#\s]+)(#[^)\s]+)?\)", text)
+    local = [(target, anchor) for target, anchor in links if not is_external(target)]
+    assert len(local) >= 5
+    for target, anchor in local:
+        path = ROOT / target
+        assert path.is_file(), f"README links to missing {target}"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), flags=re.M)
+            slugs = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
+            assert anchor[1:] in slugs, f"README links to missing {target}{anchor}"
