@@ -43,20 +43,27 @@ def prepare_batch(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Check a pml-style call and return ``(labels, ref_emb, ref_labels)`` on the device.
 
-    ``ref_emb`` comes back as ``None`` when the batch is paired with itself (pml passes
-    the batch itself as its own reference), so that self pairs are excluded.
+    ``ref_emb`` comes back as ``None`` when the batch is paired with itself, so that self
+    pairs are excluded: no ``ref_emb``, or pml's stand-in for none, the batch itself with
+    ``ref_labels`` absent or the very ``labels`` tensor. The batch passed as ``ref_emb``
+    with other ``ref_labels`` is a separate reference set (self pairs included), as in
+    pml's losses and miners.
     """
     validation.check_embeddings_shape(embeddings, "embeddings")
     if labels is None:
         raise ValueError(f"{owner} needs labels")
     validation.check_labels(labels, embeddings.shape[0], "labels")
+    if ref_emb is None and ref_labels is not None and ref_labels is not labels:
+        raise ValueError(
+            f"{owner} got ref_labels but no ref_emb: pass both (a reference set) or neither "
+            "(the batch against itself)"
+        )
+    batch_with_itself = ref_emb is None or (
+        ref_emb is embeddings and (ref_labels is None or ref_labels is labels)
+    )
     labels = to_device_async(labels, embeddings.device)
-    if ref_emb is embeddings:
-        ref_emb = None
-    if ref_emb is None:
-        if ref_labels is not None and ref_labels is not labels:
-            raise ValueError("ref_labels was given without ref_emb")
-        ref_labels = None
+    if batch_with_itself:
+        ref_emb = ref_labels = None
     else:
         validation.check_embeddings_shape(ref_emb, "ref_emb")
         if ref_emb.shape[1] != embeddings.shape[1]:

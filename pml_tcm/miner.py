@@ -64,7 +64,9 @@ class TCMMiner(BaseMiner):
             embeddings: ``(N, D)`` floating-point embeddings.
             labels: ``(N,)`` integer labels.
             ref_emb: optional ``(M, D)`` reference embeddings (default: the batch,
-                self pairs excluded).
+                self pairs excluded), cast to the embeddings' accumulation dtype. The
+                batch itself with ``ref_labels`` other than ``labels`` is a separate
+                reference set (self pairs included), as in pml.
             ref_labels: ``(M,)`` reference labels, required with ``ref_emb``.
 
         Returns:
@@ -77,17 +79,15 @@ class TCMMiner(BaseMiner):
         """
         # Our checks first, so that bad input gets our messages, not pml's asserts; the
         # labels are moved without blocking, so pml's own move finds them in place.
-        labels, checked_ref_emb, ref_labels = _pml_checks.prepare_batch(
+        labels, ref_emb, ref_labels = _pml_checks.prepare_batch(
             embeddings, labels, ref_emb, ref_labels, self.check_inputs, "TCMMiner"
         )
-        if checked_ref_emb is None:
-            ref_labels = None
         return super().forward(embeddings, labels, ref_emb, ref_labels)
 
     def mine(
         self, embeddings: Tensor, labels: Tensor, ref_emb: Tensor, ref_labels: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        if ref_emb is embeddings:  # pml's stand-in for "no reference set"
+        if ref_emb is embeddings and ref_labels is labels:  # pml's stand-in for "no ref_emb"
             ref_emb, ref_labels = None, None
         return tcm_functional.tcm_hard_pairs(
             embeddings, labels, ref_emb, ref_labels, self.pos_margin, self.neg_margin

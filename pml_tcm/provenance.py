@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -38,4 +38,4 @@ def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
 
 def utc_now() -> str:
     """The current UTC time, ISO 8601 to the second (``2026-11-27T21:04:05Z``)."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.regularizers import BaseRegularizer
 from torch import Tensor
@@ -18,6 +23,46 @@ _NEEDS_WITH_TCM = (
     "with_tcm(loss, regularizer=...)) so that the loss hands it labels, ref_emb/"
     "ref_labels and indices_tuple on every call."
 )
+
+ARGUMENTS = ("pos_margin", "neg_margin", "pos_weight", "neg_weight", "check_inputs")
+"""TCMRegularizer's own constructor arguments."""
+PML_ARGUMENTS = ("distance", "collect_stats")
+"""The pml ``BaseRegularizer`` arguments TCMRegularizer takes (``reducer`` is refused)."""
+
+
+class OwnSlots(Protocol):
+    """Where each query's own copy sits among the references (set by a loss wrapper)."""
+
+    def columns(self, num_queries: int, device: torch.device) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class AttachedCall:
+    """What a :func:`pml_tcm.with_tcm` loss was called with, for its regularizer."""
+
+    labels: Tensor | None
+    indices_tuple: tuple[Tensor, ...] | None
+    ref_emb: Tensor | None
+    ref_labels: Tensor | None
+    own_slots: OwnSlots | None
+
+
+# The call in progress of each thread (and asyncio task): pml calls the embedding
+# regularizer with the embeddings only, so the loss's call reaches it here, never through
+# an attribute of the (shared) regularizer.
+_ATTACHED_CALL: ContextVar[tuple[TCMRegularizer, AttachedCall] | None] = ContextVar(
+    "pml_tcm_attached_call", default=None
+)
+
+
+@contextlib.contextmanager
+def attached_call(regularizer: TCMRegularizer, call: AttachedCall) -> Iterator[None]:
+    """Inside, ``regularizer(embeddings)`` (pml's call) computes the term of ``call``."""
+    token = _ATTACHED_CALL.set((regularizer, call))
+    try:
+        yield
+    finally:
+        _ATTACHED_CALL.reset(token)
 
 
 class TCMRegularizer(BaseRegularizer):
@@ -47,8 +92,15 @@ class TCMRegularizer(BaseRegularizer):
             is already reduced (each part is a mean over its hard pairs), and a pml
             reducer would pass it through unchanged.
 
+    Which pairs it sees: called directly, or as a member of ``losses.MultipleLosses``
+    (which hands each member the ``indices_tuple`` of its miner), the pairs of
+    ``indices_tuple`` when one is given, else all pairs. Attached with
+    :func:`pml_tcm.with_tcm`, all pairs of the call by default, whatever a miner passed
+    (``with_tcm(..., pairs="mined")`` for the mined ones).
+
     Raises:
         ValueError: margins or weights out of range, another distance, or a reducer.
+        TypeError: an argument that is neither TCMRegularizer's nor pml's.
 
     Recorded stats (with ``collect_stats=True``, pml's stat mechanism, so that pml's
     record-keeper logs them beside the loss): ``tcm_value`` (the term of the last call),
@@ -66,6 +118,13 @@ class TCMRegularizer(BaseRegularizer):
         check_inputs: bool = True,
         **kwargs: Any,
     ) -> None:
+        unknown = sorted(set(kwargs) - set(PML_ARGUMENTS) - {"reducer"})
+        if unknown:
+            raise TypeError(
+                f"TCMRegularizer got an unexpected keyword argument {unknown[0]!r}; it takes "
+                f"{', '.join(ARGUMENTS + PML_ARGUMENTS)} (the TCM weight is the loss's "
+                "embedding_reg_weight: with_tcm(loss, weight=...))"
+            )
         if kwargs.get("reducer") is not None:
             raise ValueError(
                 "TCMRegularizer takes no reducer: the TCM term is already reduced (each "
@@ -82,7 +141,6 @@ class TCMRegularizer(BaseRegularizer):
         self.pos_weight = float(pos_weight)
         self.neg_weight = float(neg_weight)
         self.check_inputs = check_inputs
-        self._call_context: dict[str, Any] | None = None
         self.add_to_recordable_attributes(
             list_of_names=["pos_margin", "neg_margin", "pos_weight", "neg_weight"],
             is_stat=False,
@@ -112,7 +170,10 @@ class TCMRegularizer(BaseRegularizer):
                 only these pairs are considered. (Through :func:`pml_tcm.with_tcm` TCM
                 sees all pairs of the call unless it was attached with
                 ``pairs="mined"``.)
-            ref_emb: optional ``(M, D)`` reference embeddings.
+            ref_emb: optional ``(M, D)`` reference embeddings, cast to the embeddings'
+                accumulation dtype (float32, float64 for float64 embeddings). The batch
+                itself with ``ref_labels`` other than ``labels`` is a separate reference
+                set (self pairs included), as in pml.
             ref_labels: ``(M,)`` reference labels, required with ``ref_emb``.
 
         Returns:
@@ -125,14 +186,12 @@ class TCMRegularizer(BaseRegularizer):
         self.reset_stats()
         own_slots = None
         if labels is None:
-            context = self._call_context
-            if context is None:
+            attached = _ATTACHED_CALL.get()
+            if attached is None or attached[0] is not self:
                 raise ValueError(_NEEDS_WITH_TCM)
-            labels = context["labels"]
-            indices_tuple = context["indices_tuple"]
-            ref_emb = context["ref_emb"]
-            ref_labels = context["ref_labels"]
-            own_slots = context["own_slots"]
+            call = attached[1]
+            labels, indices_tuple = call.labels, call.indices_tuple
+            ref_emb, ref_labels, own_slots = call.ref_emb, call.ref_labels, call.own_slots
             if labels is None:
                 raise ValueError("the loss TCM is attached to was called without labels")
         labels, ref_emb, ref_labels = _pml_checks.prepare_batch(
@@ -141,8 +200,10 @@ class TCMRegularizer(BaseRegularizer):
         self_columns = None
         if own_slots is not None and ref_emb is not None:
             self_columns = own_slots.columns(embeddings.shape[0], embeddings.device)
-        loss = self._term(embeddings, labels, indices_tuple, ref_emb, ref_labels, self_columns)
-        return self.reducer(_already_reduced(loss), embeddings, labels)
+        loss_dict = self.compute_loss(
+            embeddings, labels, indices_tuple, ref_emb, ref_labels, self_columns
+        )
+        return self.reducer(loss_dict, embeddings, labels)
 
     def compute_loss(
         self,
@@ -151,21 +212,24 @@ class TCMRegularizer(BaseRegularizer):
         indices_tuple: tuple[Tensor, ...] | None,
         ref_emb: Tensor | None,
         ref_labels: Tensor | None,
+        self_columns: Tensor | None = None,
     ) -> dict[str, dict[str, Any]]:
-        """pml's hook: the term as an already-reduced loss dict."""
-        return _already_reduced(
-            self._term(embeddings, labels, indices_tuple, ref_emb, ref_labels, None)
-        )
+        """The term as pml's already-reduced loss dict; :meth:`forward` calls it with
+        checked input (as pml's losses call their ``compute_loss``), so a subclass may
+        override it.
 
-    def _term(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        indices_tuple: tuple[Tensor, ...] | None,
-        ref_emb: Tensor | None,
-        ref_labels: Tensor | None,
-        self_columns: Tensor | None,
-    ) -> Tensor:
+        Args:
+            embeddings: ``(N, D)`` embeddings.
+            labels: ``(N,)`` labels on the embeddings' device.
+            indices_tuple: ``None`` (all pairs), pairs ``(a1, p, a2, n)`` or triplets
+                ``(a, p, n)``.
+            ref_emb: ``(M, D)`` references, or ``None`` for the batch against itself
+                (self pairs excluded).
+            ref_labels: ``(M,)`` reference labels (with ``ref_emb``).
+            self_columns: ``(N,)`` reference index of each query's own copy, left out
+                like a self pair (set by :func:`pml_tcm.with_tcm` inside
+                ``CrossBatchMemory``), or ``None``.
+        """
         pairs = _pml_checks.as_pairs(
             indices_tuple, labels, labels if ref_labels is None else ref_labels, embeddings.device
         )
@@ -187,7 +251,7 @@ class TCMRegularizer(BaseRegularizer):
         if self.collect_stats:
             self.tcm_value = loss.detach()
             self.num_hard_pos_pairs, self.num_hard_neg_pairs = num_pos, num_neg
-        return loss
+        return _already_reduced(loss)
 
 
 def _already_reduced(loss: Tensor) -> dict[str, dict[str, Any]]:

@@ -90,7 +90,7 @@ def test_report_files_hold_the_printed_numbers_inputs_settings_and_versions(
 ):
     import hashlib
     import json
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
     from importlib import metadata
 
     folder, embeddings, labels = saved_embeddings
@@ -138,7 +138,7 @@ def test_report_files_hold_the_printed_numbers_inputs_settings_and_versions(
         assert document["versions"][name] == metadata.version(name)
         assert f"{name} {metadata.version(name)}" in markdown
     created = datetime.strptime(document["created"], "%Y-%m-%dT%H:%M:%SZ")
-    age = datetime.now(timezone.utc).replace(tzinfo=None) - created
+    age = datetime.now(UTC).replace(tzinfo=None) - created
     assert 0 <= age.total_seconds() < 600 and document["created"] in markdown
 
 

@@ -3,17 +3,22 @@
 The blocks of one page run in order in one namespace (a later block may use names from
 an earlier one), in a temporary working directory. A block opts out only with the
 marker ``<!-- skip-test: reason -->`` on the last non-blank line before its opening
-fence. Blocks in other languages (bash, text, ...) are never run.
+fence. Blocks in other languages (bash, text, ...) are never run. A block that needs an
+optional package which is not installed (pml's ``logging_presets`` needs record-keeper
+and tensorboard, which the ``test`` extra installs) is not run: the page's test then runs
+its other blocks and is reported as skipped, naming them (under ``CI`` it fails).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -89,8 +94,55 @@ def python_blocks(path: Path) -> list[Block]:
 PAGES_WITH_PYTHON = [p for p in markdown_pages() if python_blocks(p)]
 
 
+# Optional packages a block needs, recognised by what its code uses.
+OPTIONAL_PACKAGES = {re.compile(r"\blogging_presets\b"): ("record_keeper", "tensorboard")}
+
+
+def importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_packages(code: str, is_importable: Callable[[str], bool] = importable) -> list[str]:
+    """The optional packages ``code`` needs that are not installed."""
+    missing: list[str] = []
+    for pattern, modules in OPTIONAL_PACKAGES.items():
+        if pattern.search(code):
+            missing += [m for m in modules if m not in missing and not is_importable(m)]
+    return missing
+
+
+def run_page(page: Path, is_importable: Callable[[str], bool] = importable) -> list[str]:
+    """Run the python blocks of ``page`` in one namespace; return the blocks not run for a
+    missing optional package (``"page:line (needs ...)"``)."""
+    namespace: dict[str, object] = {"__name__": f"docs_{page.stem.replace('-', '_')}"}
+    not_run = []
+    for block in python_blocks(page):
+        if block.skip_reason is not None:
+            continue
+        where = f"{_page_id(page)}:{block.line}"
+        missing = missing_packages(block.code, is_importable)
+        if missing:
+            not_run.append(f"{where} (needs {', '.join(missing)})")
+            continue
+        try:
+            compiled = compile(block.code, where, "exec")
+        except SyntaxError as error:
+            pytest.fail(f"{where}: python block does not compile: {error}")
+        try:
+            exec(compiled, namespace)
+        except Exception as error:  # noqa: BLE001 - report which block failed
+            raise AssertionError(f"{where}: python block raised {error!r}") from error
+    return not_run
+
+
 def _page_id(path: Path) -> str:
-    return str(path.relative_to(ROOT))
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return path.name
 
 
 @pytest.mark.parametrize("page", PAGES_WITH_PYTHON, ids=_page_id)
@@ -106,22 +158,51 @@ def test_python_blocks_run(
     # pages may quieten pml's logging; give the next tests the level they had
     root = logging.getLogger()
     request.addfinalizer(lambda level=root.level: root.setLevel(level))
-    namespace: dict[str, object] = {"__name__": f"docs_{page.stem.replace('-', '_')}"}
-    for block in python_blocks(page):
-        if block.skip_reason is not None:
-            continue
-        where = f"{_page_id(page)}:{block.line}"
-        try:
-            compiled = compile(block.code, where, "exec")
-        except SyntaxError as error:
-            pytest.fail(f"{where}: python block does not compile: {error}")
-        try:
-            exec(compiled, namespace)
-        except Exception as error:  # noqa: BLE001 - report which block failed
-            raise AssertionError(f"{where}: python block raised {error!r}") from error
+    not_run = run_page(page)
     import matplotlib.pyplot as plt
 
     plt.close("all")
+    if not_run:
+        message = f"not run: {'; '.join(not_run)} (pip install -e '.[test]')"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def test_blocks_needing_a_missing_package_are_not_run(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```python\nbefore = 1\n```\n\n"
+        "```python\nfrom pytorch_metric_learning.utils import logging_presets\n"
+        "raise RuntimeError('ran without tensorboard')\n```\n\n"
+        "```python\nassert before == 1\nafter = 2\n```\n",
+        encoding="utf-8",
+    )
+    assert run_page(page, lambda module: module != "tensorboard") == [
+        "page.md:5 (needs tensorboard)"
+    ]
+    with pytest.raises(AssertionError, match="ran without tensorboard"):
+        run_page(page, lambda module: True)
+
+
+def test_the_logging_blocks_of_the_docs_need_record_keeper_and_tensorboard() -> None:
+    needing = [
+        f"{_page_id(b.path)}:{b.line}"
+        for page in PAGES_WITH_PYTHON
+        for b in python_blocks(page)
+        if missing_packages(b.code, lambda module: False)
+    ]
+    assert {n.split(":")[0] for n in needing} >= {
+        "docs/how-to/trainers.md",
+        "docs/how-to/evaluate-opis.md",
+    }
+    for page in PAGES_WITH_PYTHON:
+        for b in python_blocks(page):
+            if "logging_presets" in b.code:
+                assert missing_packages(b.code, lambda module: False) == [
+                    "record_keeper",
+                    "tensorboard",
+                ]
 
 
 def test_collector_finds_the_pages() -> None:
@@ -319,3 +400,77 @@ def test_every_cli_option_is_in_the_cli_reference() -> None:
                 continue
             shown = action.option_strings[-1] if action.option_strings else action.dest
             assert f"`{shown}" in page, f"pml-tcm {name} {shown} is missing from the CLI reference"
+
+
+# --- the README is a front page --------------------------------------------------------
+
+README = ROOT / "README.md"
+TEST_COMMAND = 'python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 && .venv/bin/pip install -q -e ".[dev]" && .venv/bin/python -m pytest -q'  # noqa: E501
+OLDEST_PML_COMMAND = 'python3 -m venv .venv-oldpml && .venv-oldpml/bin/pip install -q torch==2.13.0 && .venv-oldpml/bin/pip install -q -e ".[dev]" "pytorch-metric-learning==2.7.0" && .venv-oldpml/bin/python -m pytest -q'  # noqa: E501
+CPU_INDEX = "--index-url https://download.pytorch.org/whl/cpu"
+
+
+def _readme_command(marker: str) -> str:
+    """The first line of the first ```bash block after the marker, as .ci/run reads it."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if f"<!-- {marker} (" in line)
+    fence = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("```bash"))
+    return lines[fence + 1]
+
+
+def test_readme_keeps_the_ci_test_commands() -> None:
+    text = README.read_text(encoding="utf-8")
+    assert "<!-- test-command (run verbatim by .ci/run) -->\n```bash\n" in text
+    assert "<!-- test-command-oldest-pml (run verbatim by .ci/run) -->\n```bash\n" in text
+    assert _readme_command("test-command") == TEST_COMMAND
+    assert _readme_command("test-command-oldest-pml") == OLDEST_PML_COMMAND
+    run = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "readme_command test-command)" in run and "readme_command test-command-oldest-pml" in run
+
+
+def test_readme_is_a_front_page() -> None:
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 160
+    text = "\n".join(lines)
+    assert "one threshold" in text  # what it is for, before the code
+    assert text.index("one threshold") < text.index("## 60-second usage")
+    assert "weight=" in text[text.index("## 60-second usage") :].split("\n## ")[0]
+    tables = [i for i, line in enumerate(lines) if re.match(r"^\|(-+\|)+$", line)]
+    assert len(tables) == 2, "components and headline numbers only; benchmarks in docs/"
+
+
+def test_readme_cpu_only_torch_is_next_to_the_command_it_changes() -> None:
+    bash = [b.code for b in code_blocks(README) if b.language == "bash"]
+    first = next(i for i, code in enumerate(bash) if "torch==2.13.0" in code)
+    assert CPU_INDEX not in bash[first]
+    assert bash[first + 1] == bash[first].replace("torch==2.13.0", f"torch==2.13.0 {CPU_INDEX}", 1)
+    text = README.read_text(encoding="utf-8")
+    between = text[text.index(bash[first]) : text.index(bash[first + 1])]
+    assert "CUDA build" in between
+
+
+def test_readme_cites_no_torch_or_pml_outside_pyproject() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    (torch_bound,) = [d for d in project["dependencies"] if d.startswith("torch")]
+    lowest = tuple(int(p) for p in torch_bound.removeprefix("torch>=").split("."))
+    text = README.read_text(encoding="utf-8")
+    for cited in re.findall(r"torch[ =]=?(\d+\.\d+)", text):
+        assert tuple(int(p) for p in cited.split(".")) >= lowest, f"torch {cited} cited"
+    assert "pytorch-metric-learning>=2.7,<3" in project["dependencies"]
+    assert "pytorch-metric-learning>=2.7,<3" in text
+
+
+def test_readme_links_resolve() -> None:
+    text = README.read_text(encoding="utf-8")
+    links = re.findall(r"\]\(([^)#\s]+)(#[^)\s]+)?\)", text)
+    local = [(target, anchor) for target, anchor in links if not is_external(target)]
+    assert len(local) >= 5
+    for target, anchor in local:
+        path = ROOT / target
+        assert path.is_file(), f"README links to missing {target}"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), flags=re.M)
+            slugs = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
+            assert anchor[1:] in slugs, f"README links to missing {target}{anchor}"

@@ -38,6 +38,13 @@ def normalize(embeddings: Tensor) -> Tensor:
     return unit_rows(embeddings.to(accumulation_dtype(embeddings.dtype)))
 
 
+def _normalize_references(references: Tensor, queries: Tensor) -> Tensor:
+    """Unit-norm reference rows in the dtype of the normalised ``queries`` (the
+    embeddings' accumulation dtype), so that mixed dtypes meet in one matmul: float64
+    references against float32 embeddings are cast to float32. ``(M, D) -> (M, D)``."""
+    return unit_rows(references.to(queries.dtype))
+
+
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
@@ -195,7 +202,8 @@ def tcm_loss(
         embeddings: ``(N, D)`` float16/bfloat16/float32/float64; need not be normalised.
         labels: ``(N,)`` integer labels.
         ref_embeddings: ``(M, D)`` references, or ``None`` to pair the batch with itself
-            (self pairs excluded).
+            (self pairs excluded); cast to the embeddings' accumulation dtype (float64
+            references against float32 embeddings are computed in float32).
         ref_labels: ``(M,)`` reference labels; required with ``ref_embeddings``.
         pos_margin: m+; positive pairs with similarity at or below it are hard.
         neg_margin: m-; negative pairs with similarity at or above it are hard.
@@ -252,7 +260,7 @@ def tcm_loss_and_counts(
         else:
             if ref_labels is None:
                 raise ValueError("ref_labels is required when ref_embeddings is given")
-            references, self_offset = normalize(ref_embeddings), None
+            references, self_offset = _normalize_references(ref_embeddings, queries), None
         weights, constant, num_pos, num_neg = tcm_pair_weights(
             queries.detach(),
             labels,
@@ -296,7 +304,7 @@ def tcm_hard_pairs(
         if ref_embeddings is None:
             references, ref_labels, self_offset = queries, labels, 0
         else:
-            references, self_offset = normalize(ref_embeddings), None
+            references, self_offset = _normalize_references(ref_embeddings, queries), None
         hard_positive, hard_negative = hard_pair_masks(
             queries @ references.T, labels, ref_labels, pos_margin, neg_margin, self_offset
         )
