@@ -205,9 +205,15 @@ def per_seed_table(results: Sequence[ArmResult]) -> str:
     """Every arm's own values, one row per (arm, seed), in the table's units: the pairs
     behind the changes and their intervals."""
     rows = [["Arm", "seed"] + [METRIC_HEADERS[m] for m in REPORT_METRICS]]
+    losses = list(dict.fromkeys(r.config.loss for r in results))  # the table's order
     for result in sorted(
         results,
-        key=lambda r: (r.config.embedding_size == 2, r.config.loss, r.config.tcm, r.config.seed),
+        key=lambda r: (
+            r.config.embedding_size == 2,
+            losses.index(r.config.loss),
+            r.config.tcm,
+            r.config.seed,
+        ),
     ):
         cells = [f"{_SCALE[m] * result.metrics[m]:.2f}" for m in REPORT_METRICS]
         rows.append([result.config.arm_title, str(result.config.seed), *cells])
