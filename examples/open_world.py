@@ -6,7 +6,9 @@ class-balanced batches and tested by ``testers.GlobalEmbeddingSpaceTester`` with
 ``OPISAccuracyCalculator``. The data, the small networks and each loss's TCM setting
 (chosen on validation classes, see docs/benchmarks/tcm_sweep.md) come from
 ``pml_tcm.demo``; the numbers equal those of ``pml-tcm demo --no-circle`` with the same
-settings. ::
+settings and seed. One seed cannot separate TCM's effect from seed noise: ``pml-tcm
+demo`` runs five seeds, pairs the runs by seed and gives each change a 95 % t-interval.
+Exact numbers depend on the CPU (reruns on one machine are bit-identical). ::
 
     python examples/open_world.py                          # digits, 30 epochs, seed 0
     python examples/open_world.py --dataset fashion-mnist --epochs 8
@@ -121,6 +123,10 @@ def main() -> None:
             shown = "no" if tcm is None else f"weight {tcm.weight:g}"
             values = " | ".join(f"{metrics[m]:.6f}" for m in METRICS)
             print(f"| {name} | {shown} | {values} |", flush=True)
+    print(
+        f"One seed ({args.seed}): it cannot separate TCM's effect from seed noise; "
+        "`pml-tcm demo` pairs five seeds and gives each change a 95 % t-interval."
+    )
 
 
 if __name__ == "__main__":

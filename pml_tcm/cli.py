@@ -91,7 +91,7 @@ def version_text() -> str:
 
 
 def _add_demo(commands: argparse._SubParsersAction) -> None:
-    from .demo.settings import DATASETS, LOSS_NAMES, QUICK_SAMPLES, SWEEP_PAGE
+    from .demo.settings import DATASETS, DEFAULT_SEEDS, LOSS_NAMES, QUICK_SAMPLES, SWEEP_PAGE
 
     demo = commands.add_parser(
         "demo",
@@ -103,9 +103,9 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         ),
         epilog=(
             "examples:\n"
-            "  pml-tcm demo                                 # digits, 30 epochs, seed 0\n"
-            "  pml-tcm demo --quick                         # code-path check, a few seconds\n"
-            "  pml-tcm demo --seeds 0 1 2 3 4 --no-circle   # mean ± std over five seeds\n"
+            "  pml-tcm demo                                 # digits, 30 epochs, seeds 0-4\n"
+            "  pml-tcm demo --quick                         # code-path check, seconds\n"
+            "  pml-tcm demo --seeds 0 --no-circle           # one seed: fast, but no interval\n"
             "  pml-tcm demo --dataset fashion-mnist --seeds 0 1 2 --epochs 4\n"
             "  pml-tcm demo --losses arcface --tcm-weight 0.5 --pos-margin 0.85 --tcm-miner"
         ),
@@ -137,9 +137,10 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         "--seeds",
         nargs="+",
         type=int,
-        default=[0],
+        default=list(DEFAULT_SEEDS),
         metavar="SEED",
-        help="one run per seed and arm; several seeds give mean ± std",
+        help="one run per seed and arm; TCM's change is paired by seed, with a 95 %% "
+        "t-interval from two seeds on",
     )
     demo.add_argument(
         "--epochs",

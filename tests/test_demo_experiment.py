@@ -170,6 +170,37 @@ def test_markdown_table_values():
     # eps-OPIS went up (lower is better): flagged; the rest improved or held.
     assert _cells(lines[4]) == ["ArcFace", "change", "", "+5.00 pts", "+0.00 pts", "-50.0 %",
                                 "+20.0 % worse"]  # fmt: skip
+    # 95 % t-interval of the paired differences, 1 degree of freedom (t = 12.7062):
+    # R@1 +5, +5 -> sd 0 -> [5, 5]; MAP@R +10, -10 -> 0 ± 12.7062 * 14.142 / sqrt(2)
+    t = 12.706204736174694
+    map_half = t * np.std([10.0, -10.0], ddof=1) / np.sqrt(2)
+    opis_half = t * np.std([-2.5, -0.5], ddof=1) / np.sqrt(2) / 3.0 * 100  # % of mean 3
+    eps_half = t * np.std([1.0, 3.0], ddof=1) / np.sqrt(2) / 10.0 * 100
+    assert _cells(lines[5]) == [
+        "ArcFace", "95% CI", "", "+5.00 to +5.00", f"{-map_half:+.2f} to {map_half:+.2f}",
+        f"{-50 - opis_half:+.1f} to {-50 + opis_half:+.1f}",
+        f"{20 - eps_half:+.1f} to {20 + eps_half:+.1f}",
+    ]  # fmt: skip
+
+
+def test_changes_are_paired_by_seed():
+    # the same values, paired differently: seed s without TCM with seed s with TCM
+    base = {0: 0.010, 1: 0.020, 2: 0.030}
+    tcm = {0: 0.011, 1: 0.021, 2: 0.031}  # +1e-3 on every seed: a clear effect
+    results = [
+        _result("arcface", flag, seed, precision_at_1=0.9, mean_average_precision_at_r=0.5,
+                opis=values[seed], eps_opis=0.01)
+        for flag, values in ((False, base), (True, tcm)) for seed in (2, 0, 1)
+    ]  # fmt: skip
+    rows = [_cells(line) for line in markdown_table(results).splitlines()]
+    interval = next(row for row in rows if row[1] == "95% CI")
+    # paired: every difference is +1e-3, sd 0 -> the interval is the point +5.0 %
+    assert interval[5] == "+5.0 to +5.0"
+    reading = " ".join(plain_reading(results).split())
+    assert (
+        "Distinguishable from seed noise (the 95 % t-interval of the change, paired by "
+        "seed over 3 seeds, excludes 0): ArcFace OPIS." in reading
+    )
 
 
 def test_single_seed_shows_n_1_and_no_zero_spread():
@@ -180,26 +211,71 @@ def test_single_seed_shows_n_1_and_no_zero_spread():
                 opis=0.00363, eps_opis=0.0052),
     ]  # fmt: skip
     table = markdown_table(results)
-    assert "±" not in table
+    assert "±" not in table and "CI" not in table
     rows = [_cells(line) for line in table.splitlines()[2:]]
     assert rows[0] == ["MultiSimilarity", "no", "1", "84.60", "27.00", "2.88", "4.60"]
     # OPIS 2.88 -> 3.63 is +26.0 %: worse; R@1 and MAP@R rose: not flagged
     assert rows[2] == ["MultiSimilarity", "change", "", "+4.10 pts", "+1.00 pts",
                        "+26.0 % worse", "+13.0 % worse"]  # fmt: skip
+    assert len(rows) == 3
     reading = " ".join(plain_reading(results).split())
     assert "With MultiSimilarity, TCM made OPIS worse here (+26.0 %" in reading
-    assert "R@1 rose by 4.10 points" in reading and "One seed per arm" in reading
+    assert "R@1 rose by 4.10 and MAP@R by 1.00 points" in reading
+    assert "A single seed per arm cannot separate TCM's effect from seed noise" in reading
+    assert "consistency, not accuracy" in reading
 
 
 def test_reading_says_lowered_when_tcm_lowered_opis():
     results = [
         _result("arcface", tcm, seed, precision_at_1=0.9 - 0.01 * tcm,
-                mean_average_precision_at_r=0.4, opis=0.008 - 0.003 * tcm + 0.001 * seed,
-                eps_opis=0.04)
+                mean_average_precision_at_r=0.4 + 0.02 * tcm * seed,
+                opis=0.008 - 0.003 * tcm + 0.001 * seed, eps_opis=0.04 + 0.001 * tcm * seed)
         for tcm in (False, True) for seed in (0, 1)
     ]  # fmt: skip
     reading = " ".join(plain_reading(results).split())
-    # OPIS means 8.5e-3 -> 5.5e-3: -35.3 %, larger than the 0.5e-3 seed spread
+    # OPIS means 8.5e-3 -> 5.5e-3: -35.3 %, the same -3e-3 on both seeds
     assert "With ArcFace, TCM lowered OPIS by 35.3 %" in reading
-    assert "worse" not in reading and "spread" in reading
-    assert "at a cost of 1.00 points of R@1" in reading
+    assert "worse" not in reading
+    # R@1 -1 point on both seeds; MAP@R 0 and +2 points: it moved, and is named
+    assert "R@1 fell by 1.00 points and MAP@R rose by 1.00 points" in reading
+    assert (
+        "seeds, excludes 0): ArcFace R@1, OPIS. Every other change is not distinguishable from "
+        "seed noise" in reading
+    )
+
+
+def test_reading_when_nothing_is_distinguishable_from_seed_noise():
+    results = [
+        _result("multisimilarity", tcm, seed, precision_at_1=0.8 + 0.01 * (-1) ** (seed + tcm),
+                mean_average_precision_at_r=0.3 + 0.01 * (-1) ** (seed + tcm),
+                opis=0.003 + 0.001 * (-1) ** (seed + tcm),
+                eps_opis=0.004 + 0.001 * (-1) ** (seed + tcm))
+        for tcm in (False, True) for seed in (0, 1, 2)
+    ]  # fmt: skip
+    reading = " ".join(plain_reading(results).split())
+    assert "No change is distinguishable from seed noise (its 95 % t-interval" in reading
+
+
+def test_reading_explains_the_2d_runs_low_opis():
+    labels = np.repeat(np.arange(5, 10), 4)  # 20 samples, 4 per class
+    results = [
+        _result("arcface", tcm, 0, precision_at_1=0.93, mean_average_precision_at_r=0.4,
+                opis=0.005, eps_opis=0.02)
+        for tcm in (False, True)
+    ]  # fmt: skip
+    circle = [
+        ArmResult(
+            ArmConfig(loss="arcface", tcm=tcm, embedding_size=2),
+            {"precision_at_1": 0.3 + 0.05 * tcm, "mean_average_precision_at_r": 0.1,
+             "opis": 0.00004, "eps_opis": 0.0001},
+            np.zeros((20, 2)),
+            labels,
+            opis_result=None,
+        )
+        for tcm in (False, True)
+    ]  # fmt: skip
+    reading = " ".join(plain_reading(results, circle).split())
+    # chance R@1: 5 classes of 4 -> 3/19 of the other samples share the class
+    assert f"R@1 at most 35.00 % (chance {100 * 3 / 19:.1f} %)" in reading
+    assert "yet a lower OPIS than every 64-D run" in reading
+    assert "equally bad" in reading and "consistency, not accuracy" in reading

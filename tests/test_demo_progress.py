@@ -118,3 +118,19 @@ def test_terminal_output_redraws_one_line_per_arm_in_place():
         "first arm done"
     )
     assert "epoch" not in screen[1]  # the result overwrote the progress text
+
+
+def test_an_arm_of_several_seeds_is_one_line_that_shows_the_running_seed():
+    stream = _Terminal()
+    progress = ArmProgress(1, stream=stream, redraw_s=0.0)
+    progress.start("ArcFace, seeds 0-2", epochs=2, runs=3)
+    for seed in (0, 1, 2):
+        progress.next_run(f"seed {seed}")
+        for epoch in (1, 2):
+            progress.update(epoch, 0.5)
+    progress.finish("mean R@1 90.00 %")
+    raw = stream.getvalue()
+    assert "seed 1 (2/3)  epoch 2/2  loss 0.5000" in raw  # drawn while seed 1 trained
+    assert raw.count("\n") == 1
+    (line,) = _screen(raw)
+    assert line.startswith("[1/1] ArcFace, seeds 0-2  mean R@1 90.00 %")

@@ -61,6 +61,7 @@ def test_open_world_example_gives_the_demos_numbers(tmp_path):
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert run.returncode == 0, run.stderr[-2000:]
+    assert "One seed (0): it cannot separate TCM's effect from seed noise" in run.stdout
     rows = [line.strip("|").split("|") for line in run.stdout.splitlines()]
     rows = [[cell.strip() for cell in row] for row in rows if len(row) == 6][2:]
     assert [row[:2] for row in rows] == [

@@ -1,10 +1,11 @@
 """The open-world benchmark end to end: arms, results table and figures in one folder.
 
-Used by ``pml-tcm demo`` and ``examples/open_world.py``. Writes into ``out``:
+Used by ``pml-tcm demo``. Writes into ``out``:
 
 * ``results.md``: the settings (the TCM setting of each loss and where it comes from),
-  the Markdown table of :func:`pml_tcm.demo.results_table.markdown_table` and its
-  plain-language reading;
+  the Markdown table of :func:`pml_tcm.demo.results_table.markdown_table` (TCM's mean
+  change paired by seed, with its t-interval), its plain-language reading, every run's
+  own values and a note that exact numbers depend on the CPU;
 * ``utility_curves_<loss>.png``: per-class utility vs threshold on the unseen classes,
   baseline beside +TCM (first seed), the threshold calibrated for ``target_far`` marked;
 * ``embedding_circle.png``: ArcFace with a 2-D embedding, unseen classes on the unit
@@ -26,9 +27,15 @@ from ..calibration import calibrate_threshold
 from ..output_files import write_whole
 from .data import OpenWorldSplit
 from .embedding_circle import embedding_circle_figure
-from .experiment import ArmConfig, ArmResult, arm_configs, run_arm
+from .experiment import ArmConfig, ArmResult, run_arm
 from .progress import ArmProgress
-from .results_table import TABLE_LEGEND, markdown_table, plain_reading
+from .results_table import (
+    CPU_NOTE,
+    TABLE_LEGEND,
+    markdown_table,
+    per_seed_table,
+    plain_reading,
+)
 from .settings import LOSS_TITLES, TCMSetting, describe_tcm, tcm_paragraph
 from .utility_figure import utility_caption, utility_comparison_figure
 
@@ -78,16 +85,25 @@ def describe_split(split: OpenWorldSplit) -> str:
     )
 
 
-def describe_settings(base: ArmConfig, seeds: Sequence[int]) -> str:
-    """One line: training length, model size, OPIS range, seeds, device (TCM's settings:
-    :func:`pml_tcm.demo.settings.describe_tcm`)."""
+def describe_settings(base: ArmConfig, seeds: Sequence[int] | None = None) -> str:
+    """One line: training length, model size, OPIS range, the seeds (unless ``None``),
+    device (TCM's settings: :func:`pml_tcm.demo.settings.describe_tcm`)."""
     batches = "" if base.max_batches is None else f"at most {base.max_batches} "
-    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {' '.join(map(str, seeds))}"
+    seed_text = "" if seeds is None else f"{_seed_text(seeds)}; "
     return (
         f"{base.epochs} epoch{'s' if base.epochs != 1 else ''} of {batches}batches of "
         f"{base.batch_size}, {base.embedding_size}-D embedding, Adam {base.lr:g}; OPIS over "
-        f"FAR {base.far_range[0]:g} to {base.far_range[1]:g}; {seed_text}; {base.device}"
+        f"FAR {base.far_range[0]:g}-{base.far_range[1]:g}; {seed_text}{base.device}"
     )
+
+
+def describe_runs(
+    configs: Sequence[ArmConfig], loss_names: Sequence[str], seeds: Sequence[int], circle: bool
+) -> str:
+    """One line: how many runs, of which losses, on which seeds."""
+    losses = " and ".join(LOSS_TITLES.get(name, name) for name in loss_names)
+    circle_text = ", 2-D ArcFace for a figure" if circle else ""
+    return f"{len(configs)}: {losses} without/with TCM on {_seed_text(seeds)}{circle_text}"
 
 
 def benchmark_configs(
@@ -97,11 +113,16 @@ def benchmark_configs(
     circle: bool = True,
     tcm: Mapping[str, TCMSetting] | None = None,
 ) -> list[ArmConfig]:
-    """The arms :func:`run_benchmark` runs, in order: every (loss, seed, without/with
-    TCM), then 2-D ArcFace without and with TCM on the first seed when ``circle``.
+    """The runs :func:`run_benchmark` trains, in order: every (loss, without/with TCM,
+    seed), then 2-D ArcFace without and with TCM on the first seed when ``circle``.
 
     ``tcm`` gives a loss its own TCM weight and margins (default: ``base``'s)."""
-    configs = arm_configs(base, loss_names, seeds)
+    configs = [
+        replace(base, loss=loss_name, tcm=with_tcm, seed=seed)
+        for loss_name in loss_names
+        for with_tcm in (False, True)
+        for seed in seeds
+    ]
     if circle:
         configs += [
             replace(base, loss="arcface", tcm=with_tcm, seed=seeds[0], embedding_size=2)
@@ -123,9 +144,25 @@ def _with_setting(config: ArmConfig, setting: TCMSetting | None) -> ArmConfig:
     )
 
 
-def arm_label(config: ArmConfig) -> str:
-    """How the progress line names an arm, e.g. ``"ArcFace + TCM, seed 0"``."""
-    return f"{config.arm_title}, seed {config.seed}"
+def arm_groups(configs: Sequence[ArmConfig]) -> list[list[ArmConfig]]:
+    """``configs`` grouped into arms, in order: the runs of one (loss, without/with TCM,
+    embedding size) that differ only by seed. Each arm gets one progress line."""
+    groups: dict[tuple[str, bool, int], list[ArmConfig]] = {}
+    for config in configs:
+        groups.setdefault((config.loss, config.tcm, config.embedding_size), []).append(config)
+    return list(groups.values())
+
+
+def arm_label(configs: Sequence[ArmConfig]) -> str:
+    """How the progress line names an arm, e.g. ``"ArcFace + TCM, seeds 0-4"``."""
+    seeds = [config.seed for config in configs]
+    return f"{configs[0].arm_title}, {_seed_text(seeds)}"
+
+
+def _seed_text(seeds: Sequence[int]) -> str:
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    return f"seeds {_span(list(seeds))}"
 
 
 def run_benchmark(
@@ -164,28 +201,37 @@ def run_benchmark(
     out = Path(out)
     configs = benchmark_configs(base, loss_names, seeds, circle, tcm)
     results, circle_results = [], []
-    for config in configs:
+    for group in arm_groups(configs):
         if progress is not None:
-            progress.start(arm_label(config), config.epochs)
-        result = run_arm(
-            config,
-            split,
-            checkpoint_dir,
-            not train_only,
-            progress=None if progress is None else progress.update,
-        )
+            progress.start(arm_label(group), group[0].epochs, runs=len(group))
+        group_results = []
+        for config in group:
+            if progress is not None:
+                progress.next_run(f"seed {config.seed}")
+            result = run_arm(
+                config,
+                split,
+                checkpoint_dir,
+                not train_only,
+                progress=None if progress is None else progress.update,
+            )
+            if result is not None:
+                group_results.append(result)
+                is_circle = config.embedding_size == 2 and circle
+                (circle_results if is_circle else results).append(result)
         if progress is not None:
-            progress.finish(_outcome(result))
-        if result is not None:
-            (circle_results if config.embedding_size == 2 and circle else results).append(result)
+            progress.finish(_outcome(group_results))
     if train_only:
         return BenchmarkOutput([], "", [])
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
-    reading = plain_reading(results)
+    reading = plain_reading(results, circle_results)
     files = [out / "results.md"]
     for loss_name in loss_names:
-        first_seed = [r for r in results if r.config.loss == loss_name][:2]
+        first_seed = sorted(
+            (r for r in results if r.config.loss == loss_name and r.config.seed == seeds[0]),
+            key=lambda r: r.config.tcm,
+        )
         panels = [
             (f"{r.config.arm_title} (seed {r.config.seed})", r.opis_result) for r in first_seed
         ]
@@ -250,6 +296,15 @@ def _results_markdown(
         "",
         output.reading,
         "",
+        "## Per seed",
+        "",
+        "Every run's own values; the changes above pair the runs without and with TCM of "
+        "the same seed (same initial weights, same batch order).",
+        "",
+        per_seed_table(output.results),
+        "",
+        CPU_NOTE,
+        "",
         "## TCM settings",
         "",
         tcm_paragraph(split.name, tcm),
@@ -276,13 +331,17 @@ def _calibrated_threshold(result: ArmResult, target_far: float) -> float:
     return report.threshold
 
 
-def _outcome(result: ArmResult | None) -> str:
-    if result is None:
+def _outcome(results: Sequence[ArmResult]) -> str:
+    # An arm's progress line: its metrics, the mean over its seeds when it has several.
+    if not results:
         return "trained"
-    metrics = result.metrics
+
+    def mean(name: str) -> float:
+        return sum(r.metrics[name] for r in results) / len(results)
+
     return (
-        f"R@1 {100 * metrics['precision_at_1']:.2f} %  OPIS {1000 * metrics['opis']:.2f}e-3  "
-        f"ε-OPIS {1000 * metrics['eps_opis']:.2f}e-3"
+        f"{'mean ' if len(results) > 1 else ''}R@1 {100 * mean('precision_at_1'):.2f} %  "
+        f"OPIS {1000 * mean('opis'):.2f}e-3  ε-OPIS {1000 * mean('eps_opis'):.2f}e-3"
     )
 
 

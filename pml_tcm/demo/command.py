@@ -14,7 +14,6 @@ import time
 from .settings import (
     DEFAULT_EPOCHS,
     DEFAULT_THREADS,
-    LOSS_TITLES,
     QUICK_SAMPLES,
     DemoSettingsError,
     check_settings,
@@ -46,8 +45,10 @@ def run_demo(args: argparse.Namespace, device: str) -> int:
     import torch
 
     from .benchmark import (
+        arm_groups,
         arm_label,
         benchmark_configs,
+        describe_runs,
         describe_settings,
         describe_split,
         run_benchmark,
@@ -85,14 +86,14 @@ def run_demo(args: argparse.Namespace, device: str) -> int:
     except ValueError as error:
         raise DemoSettingsError(f"--far-range: {error}") from error
     configs = benchmark_configs(base, args.losses, args.seeds, circle, tcm)
-    losses = " and ".join(LOSS_TITLES[name] for name in args.losses)
-    circle_text = ", then 2-D ArcFace for a figure" if circle else ""
+    groups = arm_groups(configs)
+    seeds = len(args.seeds)
     output_dir = "none (--train-only)" if args.train_only else f"{args.out}/"
     print("pml-tcm demo: does one similarity threshold hold on classes never seen in training?")
     for name, text in (
         ("data", describe_split(split)),
-        ("runs", f"{len(configs)}: {losses}, each without/with TCM{circle_text}"),
-        ("settings", describe_settings(base, args.seeds)),
+        ("runs", describe_runs(configs, args.losses, args.seeds, circle)),
+        ("settings", describe_settings(base)),
         ("TCM", describe_tcm(tcm, args.tcm_miner)),
         ("output", output_dir),
     ):
@@ -101,8 +102,8 @@ def run_demo(args: argparse.Namespace, device: str) -> int:
     start = time.perf_counter()
     threads_before = torch.get_num_threads()
     threads = args.threads if args.threads is not None else DEFAULT_THREADS.get(args.dataset)
-    width = max(len(arm_label(config)) for config in configs)
-    progress = ArmProgress(len(configs), name_width=width)
+    width = max(len(arm_label(group)) for group in groups)
+    progress = ArmProgress(len(groups), name_width=width)
     try:
         if threads is not None:
             torch.set_num_threads(threads)
@@ -123,11 +124,10 @@ def run_demo(args: argparse.Namespace, device: str) -> int:
     finally:
         torch.set_num_threads(threads_before)
     if not args.train_only:
-        seeds = len(args.seeds)
         print()
         print(f"Results on the unseen classes, {seeds} seed{'s' if seeds > 1 else ''} per arm:")
         print(output.table)
-        print(fill(table_key(seeds == 1), WIDTH))
+        print(fill(table_key(seeds), WIDTH))
         print()
         print(output.reading)
         print()

@@ -6,13 +6,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .class_colours import class_colour
 from .extras import import_optional
 
 RING_STEP = 0.08
 CAPTION = (
     "Unseen classes of a 2-D ArcFace embedding: each point sits at its embedding's angle; "
     "only the angle matters.\nEach class is drawn on its own ring (radius 1, {step:g} "
-    "further out per class) so that overlapping classes stay visible. Lower OPIS is better."
+    "further out per class) so that overlapping classes stay visible. Lower OPIS is better,\n"
+    "but OPIS measures consistency, not accuracy: a weak embedding whose classes are all about "
+    "equally bad can have a tiny OPIS."
 )
 
 
@@ -40,7 +43,6 @@ def embedding_circle_figure(
         ValueError: an embedding is not 2-D.
         ImportError: matplotlib is not installed (the ``examples`` extra).
     """
-    colormaps = import_optional("matplotlib", "the circle figure").colormaps
     Figure = import_optional("matplotlib.figure", "the circle figure").Figure
 
     all_labels = np.unique(np.concatenate([np.asarray(labels) for _, _, labels in panels]))
@@ -48,7 +50,6 @@ def embedding_circle_figure(
     limit = max(rings.values()) + 0.06
     figure = Figure(figsize=(4.6 * len(panels) + 1.4, 5.2), layout="constrained")
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
-    colours = colormaps["tab10"]
     handles = {}
     for axis, (title, embeddings, labels) in zip(axes, panels, strict=True):
         embeddings = np.asarray(embeddings, dtype=np.float64)
@@ -64,12 +65,12 @@ def embedding_circle_figure(
             chosen = labels == label
             radius = rings[int(label)]
             name = class_names[int(label)] if class_names is not None else str(label)
-            handles[name] = axis.scatter(
+            handles[int(label)] = axis.scatter(
                 radius * np.cos(angles[chosen]),
                 radius * np.sin(angles[chosen]),
                 s=6,
                 alpha=0.5,
-                color=colours(int(label) % 10),
+                color=class_colour(int(label)),
                 label=name,
             )
         axis.set_title(title, fontsize=10)
@@ -79,7 +80,7 @@ def embedding_circle_figure(
         axis.set_xticks([])
         axis.set_yticks([])
     figure.legend(
-        handles=list(handles.values()),
+        handles=[handles[label] for label in sorted(handles)],
         loc="outside right center",
         fontsize=8,
         markerscale=2.5,

@@ -56,11 +56,13 @@ def quiet_pml() -> Iterator[None]:
 class ArmProgress:
     """One line per arm: redrawn in place on a terminal, printed once when it ends otherwise.
 
-    On a terminal (``stream.isatty()``) the line of the running arm shows ``[i/n]``, the
-    arm, the epoch and the last batch loss, redrawn at most ``redraw_s`` apart, and is
-    replaced by the arm's result line when it ends. Elsewhere (a log file, a pipe) only
-    the result line is written, plus an ``epoch e/E`` line when an arm has run for
-    ``heartbeat_s`` seconds since its last line, so that long runs still show life.
+    An arm may train several runs (one per seed, see :meth:`next_run`); it still gets
+    one line. On a terminal (``stream.isatty()``) the line of the running arm shows
+    ``[i/n]``, the arm, the run, the epoch and the last batch loss, redrawn at most
+    ``redraw_s`` apart, and is replaced by the arm's result line when it ends. Elsewhere
+    (a log file, a pipe) only the result line is written, plus an ``epoch e/E`` line when
+    an arm has run for ``heartbeat_s`` seconds since its last line, so that long runs
+    still show life.
 
     Args:
         total: number of arms.
@@ -93,22 +95,35 @@ class ArmProgress:
         self._index = 0
         self._name = ""
         self._epochs = 0
+        self._runs = 1
+        self._run = 0
+        self._run_label = ""
         self._start = 0.0
         self._last_line = 0.0
         self._width = 0
 
-    def start(self, name: str, epochs: int) -> None:
-        """An arm begins: ``name`` as shown, ``epochs`` it will train."""
+    def start(self, name: str, epochs: int, runs: int = 1) -> None:
+        """An arm begins: ``name`` as shown, ``epochs`` each of its ``runs`` will train."""
         self._index += 1
-        self._name, self._epochs = name, epochs
+        self._name, self._epochs, self._runs = name, epochs, runs
+        self._run, self._run_label = 0, ""
         self._start = self._last_line = time.perf_counter()
         if self.interactive:
             self._draw(f"{self._prefix()}starting")
 
+    def next_run(self, label: str) -> None:
+        """The arm's next run begins, e.g. ``label="seed 3"``; shown while it trains
+        when the arm has more than one run."""
+        self._run += 1
+        self._run_label = label
+
     def update(self, epoch: int, loss: float) -> None:
         """A training batch of ``epoch`` (1-based) ended with total loss ``loss``."""
         now = time.perf_counter()
-        text = f"{self._prefix()}epoch {epoch}/{self._epochs}  loss {loss:.4f}"
+        run = ""
+        if self._runs > 1:
+            run = f"{self._run_label} ({self._run}/{self._runs})  "
+        text = f"{self._prefix()}{run}epoch {epoch}/{self._epochs}  loss {loss:.4f}"
         if self.interactive:
             if now - self._last_line >= self.redraw_s:
                 self._draw(text)

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from ..functional.opis import OPISResult
 from ..plotting import plot_utility_curves, utility_range
+from .class_colours import class_colour
 from .extras import import_optional
 
 CAPTION = (
@@ -39,7 +40,9 @@ def utility_comparison_figure(
     side by side on shared axes so that they compare by eye.
 
     Both axes are shared: x spans every panel's calibration range (and marked
-    threshold), y is fitted to every panel's curves. The spread of the class curves
+    threshold), y is fitted to every panel's curves. Up to ten classes, each class has
+    the colour :func:`pml_tcm.demo.class_colours.class_colour` gives its label, in every
+    panel and in the circle figure alike. The spread of the class curves
     ``U_c(t)`` around the pooled ``U_all(t)`` over the calibration range is what OPIS
     measures; each title gives OPIS and ε-OPIS, the caption says what is plotted and
     which direction is better.
@@ -63,6 +66,7 @@ def utility_comparison_figure(
     figure = Figure(figsize=(5.2 * len(panels) + 1.6, 4.6), layout="constrained")
     axes = figure.subplots(1, len(panels), squeeze=False, sharex=True, sharey=True)[0]
     lows, highs = [], []
+    class_lines = {}  # label -> its line in the first panel that has it
     for index, (axis, (title, result)) in enumerate(zip(axes, panels, strict=True)):
         threshold = None if thresholds is None else float(thresholds[index])
         plot_utility_curves(
@@ -76,6 +80,11 @@ def utility_comparison_figure(
             threshold=threshold,
             threshold_label=None if threshold is None else f"{threshold_label} {threshold:.4f}",
         )
+        labels = result.classes.tolist()
+        if len(labels) <= 10:  # plot_utility_curves gives them distinct colours: the demo's
+            for line, label in zip(axis.get_lines(), labels):
+                line.set_color(class_colour(label))
+                class_lines.setdefault(label, line)
         low, high = result.calibration_range
         lows += [low] + ([threshold] if threshold is not None else [])
         highs += [high] + ([threshold] if threshold is not None else [])
@@ -89,15 +98,16 @@ def utility_comparison_figure(
     margin = 0.02 * (high - low) if high > low else 0.01
     axes[0].set_xlim(low - margin, high + margin)
     axes[0].set_ylim(*utility_range([result for _, result in panels]))
-    # One legend for the classes, outside the panels.
-    class_lines = [line for line in axes[0].get_lines() if not line.get_label().startswith("_")]
-    class_lines = [line for line in class_lines if line.get_linestyle() != "--"]
-    labels = [line.get_label() for line in class_lines]
-    if len(class_lines) > 11:  # many classes share one colour: one entry for them all
-        class_lines, labels = [class_lines[0], class_lines[-1]], ["each class", "pooled"]
+    # One legend for the classes of every panel, outside the panels.
+    pooled = next(line for line in axes[0].get_lines() if line.get_label() == "pooled")
+    if class_lines:
+        handles = [class_lines[label] for label in sorted(class_lines)] + [pooled]
+        names = [line.get_label() for line in handles]
+    else:  # many classes share one colour: one entry for them all
+        handles, names = [axes[0].get_lines()[0], pooled], ["each class", "pooled"]
     figure.legend(
-        handles=class_lines,
-        labels=labels,
+        handles=handles,
+        labels=names,
         loc="outside right center",
         fontsize=8,
         frameon=False,
