@@ -39,6 +39,10 @@ HISTOGRAM_TILE = 1 << 16
 """Values bucketed at a time by :meth:`_GridCounter.bucket_histogram` (cache-sized)."""
 
 
+MAX_DENSE_KEYS = 1 << 24
+"""Largest key space counted by dense ``bincount`` flushes (above it: scatter only)."""
+
+
 class _KeyCounts:
     """Counts of int64 keys in ``[0, size)``, each added with a weight of +1 or -1.
 
@@ -46,15 +50,16 @@ class _KeyCounts:
     then ``bincount``-ed together (one dense pass of ``size`` per flush, not per chunk);
     small batches are scattered directly with ``index_add_``."""
 
-    def __init__(self, size: int, device: torch.device) -> None:
-        self.counts = torch.zeros(size, dtype=torch.int64, device=device)
+    def __init__(self, size: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.counts = torch.zeros(size, dtype=dtype, device=device)
         self._pending: list[Tensor] = []
         self._pending_keys = 0
 
     def add(self, keys: Tensor, weight: int = 1) -> None:
         size = self.counts.numel()
-        if weight != 1 or 8 * keys.numel() < size:
-            step = torch.full((1,), weight, dtype=torch.int64, device=keys.device)
+        # (a dense bincount of a huge key space, many classes, would allocate size int64s)
+        if weight != 1 or 8 * keys.numel() < size or size > MAX_DENSE_KEYS:
+            step = torch.full((1,), weight, dtype=self.counts.dtype, device=keys.device)
             self.counts.index_add_(0, keys, step.expand(keys.numel()))
             return
         self._pending.append(keys)
@@ -90,8 +95,17 @@ class _GridCounter:
         self._edges: dict[torch.dtype, tuple[Tensor, float, float]] = {}
         size = self.num_classes * (self.grid_size + 1)
         device = stream.queries.device
-        self.positive = _KeyCounts(size, device)
-        self.negative = _KeyCounts(size, device)
+        # int32 counts (half the memory with many classes) when no count can reach 2^31:
+        # a (class, bucket) count is at most (queries) x (references), over all ranks
+        world = (
+            torch.distributed.get_world_size()
+            if torch.distributed.is_available() and torch.distributed.is_initialized()
+            else 1
+        )
+        most = stream.queries.shape[0] * stream.num_references * world
+        dtype = torch.int32 if most < 2**31 else torch.int64
+        self.positive = _KeyCounts(size, device, dtype)
+        self.negative = _KeyCounts(size, device, dtype)
 
     def add(self, pairs: ChunkPairs) -> None:
         """Count the pairs of one chunk (gathered at or below ``g_0``)."""
@@ -150,10 +164,11 @@ class _GridCounter:
         return total
 
     def histograms(self) -> tuple[Tensor, Tensor]:
-        """``(positive, negative)`` histograms, each ``(C, G)`` int64."""
+        """``(positive, negative)`` histograms, each ``(C, G)`` int32 or int64 (views of
+        the counts: no copy)."""
         shape = (self.num_classes, self.grid_size + 1)
-        positive = self.positive.total().view(shape)[:, 1:].contiguous()
-        negative = self.negative.total().view(shape)[:, 1:].contiguous()
+        positive = self.positive.total().view(shape)[:, 1:]
+        negative = self.negative.total().view(shape)[:, 1:]
         return positive, negative
 
     def buckets(self, values: Tensor) -> Tensor:
@@ -210,7 +225,8 @@ def grid_histograms(
             slabs are counted in place after them.
 
     Returns:
-        ``(positive, negative)``, each ``(C, G)`` int64: ``[c, i]`` counts the pairs of
+        ``(positive, negative)``, each ``(C, G)`` int32 (int64 where a count could pass
+        2^31): ``[c, i]`` counts the pairs of
         class ``c`` with score in ``[g_i, g_{i+1})`` (the last bucket is ``[g_{G-1}, ∞)``).
     """
     counter = _GridCounter(stream, closeness_grid)

@@ -38,7 +38,8 @@ class OPISState:
     """Additive per-class counts on a threshold grid (merge two states with ``+``).
 
     Attributes:
-        positive_histogram: ``(C, G)`` int64; ``[c, i]`` = positive pairs of class ``c``
+        positive_histogram: ``(C, G)`` int32 (int64 where a count could pass 2^31;
+            ``+`` gives int64); ``[c, i]`` = positive pairs of class ``c``
             with score in ``[g_i, g_{i+1})`` (the last bucket is ``[g_{G-1}, ∞)``).
         negative_histogram: ``(C, G)`` int64, the same for negative pairs.
         positives: ``(C,)`` int64, all positive pairs of class ``c`` (any score).
@@ -51,22 +52,22 @@ class OPISState:
     negatives: Tensor
 
     def __add__(self, other: OPISState) -> OPISState:
+        def add(a: Tensor, b: Tensor) -> Tensor:  # in int64: a sum can pass int32
+            return a.to(torch.int64) + b.to(torch.int64)
+
         return OPISState(
-            self.positive_histogram + other.positive_histogram,
-            self.negative_histogram + other.negative_histogram,
-            self.positives + other.positives,
-            self.negatives + other.negatives,
+            add(self.positive_histogram, other.positive_histogram),
+            add(self.negative_histogram, other.negative_histogram),
+            add(self.positives, other.positives),
+            add(self.negatives, other.negatives),
         )
 
     def all_reduce(self) -> OPISState:
         """Sum the counts over all ranks in place (``torch.distributed``)."""
-        for tensor in (
-            self.positive_histogram,
-            self.negative_histogram,
-            self.positives,
-            self.negatives,
-        ):
+        for name in ("positive_histogram", "negative_histogram", "positives", "negatives"):
+            tensor = getattr(self, name).contiguous()
             all_reduce(tensor, distributed=True)
+            setattr(self, name, tensor)
         return self
 
 
@@ -144,7 +145,9 @@ class OPISResult:
             ``t_lo < t_hi`` are distances too).
         thresholds: ``(G,)`` float64 grid in the score's units, ascending.
         classes: ``(C,)`` the distinct query labels, ascending.
-        class_utility: ``(C, G)`` float64, ``U_c`` at each threshold.
+        class_utility: ``(C, G)`` float64, ``U_c`` at each threshold (computed from
+            ``state`` on first access: with many classes the curves are the largest
+            thing a result holds, and OPIS itself never needs them all at once).
         pooled_utility: ``(G,)`` float64, ``U_all``.
         mean_class_utility: ``(C,)`` float64, ``⟨U_c⟩``.
         excluded: ``(C,)`` bool, classes without a positive pair (left out of the means).
@@ -159,7 +162,6 @@ class OPISResult:
     calibration_range: tuple[float, float]
     thresholds: Tensor
     classes: Tensor
-    class_utility: Tensor
     pooled_utility: Tensor
     mean_class_utility: Tensor
     excluded: Tensor
@@ -167,6 +169,15 @@ class OPISResult:
     epsilon: float
     higher_is_closer: bool = True
     state: OPISState | None = field(default=None, repr=False)
+    _class_utility: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def class_utility(self) -> Tensor:
+        if self._class_utility is None:
+            assert self.state is not None
+            curves = _class_curves(self.state, 0, self.state.positives.shape[0], self.beta)
+            self._class_utility = curves if self.higher_is_closer else curves.flip(-1)
+        return self._class_utility
 
 
 def f_beta(true_positives: Tensor, false_positives: Tensor, positives: Tensor, beta: float):
@@ -188,6 +199,20 @@ def grid_mean(curves: Tensor, closeness_grid: Tensor) -> Tensor:
     return torch.trapezoid(curves, closeness_grid, dim=-1) / width
 
 
+CLASS_BLOCK_ELEMENTS = 1 << 22
+"""Curve values (float64) computed at a time by :func:`opis_compute`."""
+
+
+def _class_curves(state: OPISState, first: int, last: int, beta: float) -> Tensor:
+    """``(last - first, G)`` float64 utility curves of classes ``[first, last)``."""
+    positive = state.positive_histogram[first:last].cpu().to(torch.int64)
+    negative = state.negative_histogram[first:last].cpu().to(torch.int64)
+    true_positives = positive.flip(-1).cumsum(-1).flip(-1)
+    false_positives = negative.flip(-1).cumsum(-1).flip(-1)
+    totals = state.positives[first:last].cpu().unsqueeze(1)
+    return f_beta(true_positives, false_positives, totals, beta)
+
+
 def opis_compute(
     state: OPISState,
     classes: Tensor,
@@ -198,6 +223,10 @@ def opis_compute(
     higher_is_closer: bool = True,
 ) -> OPISResult:
     """OPIS, ε-OPIS and the curves from (summed) counts.
+
+    The per-class curves are computed in blocks of classes (memory bounded by
+    :data:`CLASS_BLOCK_ELEMENTS`, whatever the number of classes); the result computes
+    :attr:`OPISResult.class_utility` only when it is read.
 
     Args:
         state: counts from :func:`opis_update` (summed over blocks/ranks).
@@ -211,28 +240,45 @@ def opis_compute(
         The :class:`OPISResult`.
     """
     grid = closeness_grid.to(torch.float64).cpu()
-    positive_histogram = state.positive_histogram.cpu()
-    negative_histogram = state.negative_histogram.cpu()
+    num_classes, grid_size = state.positive_histogram.shape
     positives = state.positives.cpu()
-    true_positives = positive_histogram.flip(-1).cumsum(-1).flip(-1)
-    false_positives = negative_histogram.flip(-1).cumsum(-1).flip(-1)
-    class_utility = f_beta(true_positives, false_positives, positives.unsqueeze(1), beta)
-    pooled_utility = f_beta(true_positives.sum(0), false_positives.sum(0), positives.sum(), beta)
-    mean_class_utility = grid_mean(class_utility, grid)
+    pooled_tp = torch.zeros(grid_size, dtype=torch.int64)
+    pooled_fp = torch.zeros(grid_size, dtype=torch.int64)
+    block = max(1, CLASS_BLOCK_ELEMENTS // max(1, grid_size))
+    blocks = [(first, min(num_classes, first + block)) for first in range(0, num_classes, block)]
+    for first, last in blocks:
+        pooled_tp += state.positive_histogram[first:last].cpu().to(torch.int64).sum(0)
+        pooled_fp += state.negative_histogram[first:last].cpu().to(torch.int64).sum(0)
+    pooled_tp, pooled_fp = pooled_tp.flip(0).cumsum(0).flip(0), pooled_fp.flip(0).cumsum(0).flip(0)
+    pooled_utility = f_beta(pooled_tp, pooled_fp, positives.sum(), beta)
     excluded = positives == 0
+    mean_class_utility = torch.zeros(num_classes, dtype=torch.float64)
+    spread = torch.zeros(num_classes, dtype=torch.float64)
+    for first, last in blocks:
+        curves = _class_curves(state, first, last, beta)
+        mean_class_utility[first:last] = grid_mean(curves, grid)
+        spread[first:last] = grid_mean((curves - pooled_utility).square(), grid)
     included = (~excluded).nonzero().squeeze(1)
 
     opis_value = 0.0
     eps_opis_value = 0.0
     num_included = included.shape[0]
     if num_included > 0:
-        spread = (class_utility[included] - pooled_utility).square()
-        opis_value = float(grid_mean(spread, grid).mean())
+        opis_value = float(spread[included].mean())
         order = torch.sort(mean_class_utility[included], stable=True).indices
-        ranked = class_utility[included][order]
         worst = max(1, ceil_fraction_of(epsilon, num_included))
         if worst < num_included:
-            gap = ranked[:worst].mean(0) - ranked[worst:].mean(0)
+            is_worst = torch.zeros(num_classes, dtype=torch.bool)
+            is_worst[included[order[:worst]]] = True
+            worst_sum = torch.zeros(grid_size, dtype=torch.float64)
+            rest_sum = torch.zeros(grid_size, dtype=torch.float64)
+            for first, last in blocks:
+                curves = _class_curves(state, first, last, beta)
+                in_worst = is_worst[first:last]
+                in_rest = ~in_worst & ~excluded[first:last]
+                worst_sum += curves[in_worst].sum(0)
+                rest_sum += curves[in_rest].sum(0)
+            gap = worst_sum / worst - rest_sum / (num_included - worst)
             eps_opis_value = float(grid_mean(gap.square(), grid))
 
     lo, hi = float(grid[0]), float(grid[-1])
@@ -241,7 +287,6 @@ def opis_compute(
         calibration_range = (lo, hi)
     else:
         thresholds = -grid.flip(0)
-        class_utility = class_utility.flip(-1)
         pooled_utility = pooled_utility.flip(-1)
         calibration_range = (-hi, -lo)
     return OPISResult(
@@ -250,7 +295,6 @@ def opis_compute(
         calibration_range=calibration_range,
         thresholds=thresholds,
         classes=classes.cpu(),
-        class_utility=class_utility,
         pooled_utility=pooled_utility,
         mean_class_utility=mean_class_utility,
         excluded=excluded,
