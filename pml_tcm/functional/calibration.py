@@ -11,8 +11,9 @@ For class ``c`` (the query's label): ``FAR_c(t) = FP_c(t) / negatives_c`` and
   ties and rounding of ``f · n_neg``).
 * Target FRR ``r``: ``t`` is the k-th smallest positive closeness with
   ``k = ⌊r · n_pos⌋ + 1``: the highest threshold that rejects at most ``r · n_pos``
-  positive pairs (pooled FRR ``<= r``). Positive scores are collected exactly (there are
-  ``sum_c n_c²`` of them, far fewer than all pairs).
+  positive pairs (pooled FRR ``<= r``), found exactly by a radix selection over the
+  streamed positive scores (:func:`kth_smallest_positive`: two passes, 2^16 counts, no
+  score collected, so one huge class costs no more memory than many small ones).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from .collectives import all_gather_values, all_reduce, global_classes
+from .collectives import all_reduce, global_classes
 from .far_search import far_closeness_thresholds, far_rank, num_negative_pairs
 from .streaming import PairStream, ScoreFn, ceil_to_dtype, cosine_similarity_scores
 
@@ -53,14 +54,65 @@ def class_error_counts(
     return false_accepts, positives - true_accepts, negatives, positives
 
 
-def positive_scores(stream: PairStream, distributed: bool = False) -> Tensor:
-    """All positive-pair closeness scores (1-D, unordered), over all ranks."""
-    from .opis import _positive_values
+RADIX_BITS = 16
 
-    out = list(_positive_values(stream))
-    values = torch.cat(out) if out else stream.queries.new_zeros(0)
-    values = values[~torch.isnan(values)]
-    return all_gather_values(values, distributed=distributed)
+
+def sortable_keys(values: Tensor) -> Tensor:
+    """int64 keys that order like the float values (float32 or float64; -0.0 just below
+    +0.0): non-negative floats keep their bit pattern, negative ones map to
+    ``-1 - magnitude bits``."""
+    if values.dtype == torch.float64:
+        bits = values.view(torch.int64)
+        magnitude = bits & 0x7FFFFFFFFFFFFFFF
+    else:
+        bits = values.to(torch.float32).view(torch.int32).to(torch.int64)
+        magnitude = bits & 0x7FFFFFFF
+    return torch.where(bits >= 0, bits, -1 - magnitude)
+
+
+def _key_value(key: int, dtype: torch.dtype) -> float:
+    """The float whose :func:`sortable_keys` key is ``key``."""
+    if dtype == torch.float64:
+        bits = key if key >= 0 else (-1 - key) | (1 << 63)
+        as_int = torch.tensor([bits - (1 << 64) if bits >= 1 << 63 else bits])
+        return float(as_int.view(torch.float64))
+    bits = key if key >= 0 else (-1 - key) | (1 << 31)
+    as_int = torch.tensor([bits - (1 << 32) if bits >= 1 << 31 else bits], dtype=torch.int32)
+    return float(as_int.view(torch.float32))
+
+
+def kth_smallest_positive(stream: PairStream, k: int, distributed: bool = False) -> float:
+    """The exact ``k``-th smallest positive closeness (1-based), over all ranks, in
+    bounded memory: a radix selection on :func:`sortable_keys`, 16 bits a pass (two
+    passes over the positive pairs for float32 scores, four for float64), each pass one
+    histogram of 2^16 counts; no score is collected."""
+    dtype = torch.float64 if stream.queries.dtype == torch.float64 else torch.float32
+    key_bits = 64 if dtype == torch.float64 else 32
+    device = stream.queries.device
+    prefix, rank = None, k
+    for level in range(key_bits // RADIX_BITS):
+        shift = key_bits - RADIX_BITS * (level + 1)
+        counts = torch.zeros(1 << RADIX_BITS, dtype=torch.int64, device=device)
+        for values in stream.positive_values():
+            keys = sortable_keys(values[~torch.isnan(values)].to(dtype))
+            if prefix is not None:
+                keys = keys[(keys >> (shift + RADIX_BITS)) == prefix]
+            # the top digit is signed (keys are): offset it into [0, 2^16)
+            digits = (
+                (keys >> shift) + (1 << (RADIX_BITS - 1))
+                if prefix is None
+                else ((keys >> shift) & ((1 << RADIX_BITS) - 1))
+            )
+            counts += torch.bincount(digits, minlength=1 << RADIX_BITS)
+        all_reduce(counts, distributed=distributed)
+        cumulative = counts.cumsum(0).cpu()
+        digit = int(torch.searchsorted(cumulative, torch.tensor([rank]))[0])
+        rank -= int(cumulative[digit - 1]) if digit else 0
+        if prefix is None:
+            prefix = digit - (1 << (RADIX_BITS - 1))
+        else:
+            prefix = (prefix << RADIX_BITS) | digit
+    return _key_value(prefix, dtype)
 
 
 def calibrate_closeness_threshold(
@@ -115,13 +167,14 @@ def calibrate_closeness_threshold(
         )
         (threshold,) = search.values
     else:
-        values = positive_scores(stream, distributed)
-        if values.numel() == 0:
+        positives, _ = stream.pair_totals()
+        num_positives = int(all_reduce(positives.sum().reshape(1), distributed=distributed))
+        if num_positives == 0:
             raise ValueError("target_frr: there is no positive pair")
-        k = math.floor(Fraction(repr(float(target_frr))) * values.numel()) + 1
-        if k > values.numel():
+        k = math.floor(Fraction(repr(float(target_frr))) * num_positives) + 1
+        if k > num_positives:
             threshold = math.inf  # reject everything (target_frr = 1)
         else:
-            threshold = float(torch.kthvalue(values.cpu(), k).values)
+            threshold = kth_smallest_positive(stream, k, distributed)
     counts = class_error_counts(stream, threshold, distributed)
     return threshold, classes, counts

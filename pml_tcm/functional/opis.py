@@ -490,7 +490,7 @@ def _positive_score_range(stream: PairStream, distributed: bool) -> tuple[float,
     """Lowest and highest positive closeness, ``(0, 0)`` without any pair (the range
     when there is no negative pair)."""
     extremes = torch.full((2,), math.inf, dtype=torch.float64, device=stream.queries.device)
-    for values in _positive_values(stream):
+    for values in stream.positive_values():
         values = values[torch.isfinite(values)].to(torch.float64)
         if values.numel():
             extremes[0] = torch.minimum(extremes[0], values.min())
@@ -499,19 +499,3 @@ def _positive_score_range(stream: PairStream, distributed: bool) -> tuple[float,
     if not math.isfinite(float(extremes[0])):
         return (0.0, 0.0)
     return (float(extremes[0]), -float(extremes[1]))
-
-
-def _positive_values(stream: PairStream):
-    """The positive closeness scores, a 1-D tensor per piece or slab (fallback only: this
-    holds every positive score of a block at once)."""
-    for piece in stream.pieces():
-        if not piece.negative_only:
-            values, _, is_positive = stream.pairs_at_or_above(-math.inf, piece)
-            yield values[is_positive]
-    for slab in stream.positive_slabs():
-        block, self_scores = stream.slab_scores(slab)
-        values = block.clone()
-        if self_scores.numel():
-            columns = stream.self_columns[slab.start : slab.end] - slab.column_start
-            values[torch.arange(values.shape[0], device=values.device), columns] = math.nan
-        yield values.view(-1)

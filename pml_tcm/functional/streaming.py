@@ -28,7 +28,7 @@ separated: every count of negatives is all pairs minus positives minus self pair
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -489,6 +489,23 @@ class PairStream:
         columns = self.self_columns[slab.start : slab.end] - slab.column_start
         rows = torch.arange(slab.end - slab.start, device=columns.device)
         return block, block.view(-1).index_select(0, rows * block.shape[1] + columns)
+
+    def positive_values(self) -> Iterator[Tensor]:
+        """The positive closeness scores, one 1-D tensor per piece or slab (NaN marks a
+        slab's self pairs; a slab's tensor is a view of the reused block buffer, valid
+        until the next block)."""
+        for piece in self._pieces:
+            if not piece.negative_only:
+                block = self.closeness(piece.start, piece.end, 0, self.num_references)
+                rows, columns = self._same_label_positions(piece.start, piece.end)
+                yield block.view(-1).index_select(0, rows * self.num_references + columns)
+        for slab in self._slabs:
+            block = self.closeness(slab.start, slab.end, slab.column_start, slab.column_end)
+            if self.self_columns is not None:
+                columns = self.self_columns[slab.start : slab.end] - slab.column_start
+                rows = torch.arange(block.shape[0], device=block.device)
+                block.view(-1)[rows * block.shape[1] + columns] = math.nan
+            yield block.view(-1)
 
     def negative_sample(self, rows: Tensor, budget: int) -> Tensor:
         """Every ``stride``-th pair (row-major) of the blocks of the given query rows, about

@@ -1,0 +1,107 @@
+"""The streamed engine where class balance is extreme: large classes, one huge class,
+target FRR by radix selection, many classes. References are float64 numpy written here."""
+
+from __future__ import annotations
+
+import math
+import sys
+from fractions import Fraction
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from pytorch_metric_learning.distances import LpDistance
+
+from pml_tcm import calibrate_threshold
+from pml_tcm.functional import cosine_similarity_scores, opis, streaming
+from pml_tcm.functional.calibration import _key_value, sortable_keys
+from pml_tcm.functional.opis import OPISState
+
+
+def imbalanced(n=300, d=8, seed=0, big=0.9):
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.where(
+        torch.rand(n, generator=gen) < big, 0, torch.randint(1, 6, (n,), generator=gen)
+    )
+    centres = torch.randn(6, d, generator=gen)
+    return centres[labels] + 1.2 * torch.randn(n, d, generator=gen), labels
+
+
+def naive_frr_threshold(closeness: np.ndarray, labels: np.ndarray, target_frr: float) -> float:
+    n = len(labels)
+    positive = (labels[:, None] == labels[None, :]) & ~np.eye(n, dtype=bool)
+    values = np.sort(closeness[positive])
+    k = math.floor(Fraction(repr(target_frr)) * values.size) + 1
+    return float(values[k - 1]) if k <= values.size else math.inf
+
+
+@pytest.mark.parametrize("large", [4, 256, 10**9])
+@pytest.mark.parametrize("target_frr", [0.0, 0.013, 0.5, 0.97])
+def test_target_frr_is_exact_on_imbalanced_data(large, target_frr):
+    x, y = imbalanced()
+    closeness = cosine_similarity_scores(x, x).double().numpy()
+    with mock.patch.object(streaming, "LARGE_CLASS_REFERENCES", large):
+        report = calibrate_threshold(x, y, target_frr=target_frr, chunk_size=37)
+    assert report.threshold == naive_frr_threshold(closeness, y.numpy(), target_frr)
+    n = len(y)
+    positive = (y[:, None] == y[None, :]) & ~torch.eye(n, dtype=torch.bool)
+    rejected = (torch.from_numpy(closeness) < report.threshold) & positive
+    assert report.frr == float(rejected.sum()) / float(positive.sum())
+
+
+def test_target_frr_with_a_distance_and_float64():
+    x, y = imbalanced(n=120, seed=2, big=0.6)
+    x = x.double()
+    distance = LpDistance(normalize_embeddings=False)
+    report = calibrate_threshold(x, y, target_frr=0.2, distance=distance)
+    d = torch.cdist(x, x).numpy()
+    # closeness is minus the distance: the k-th smallest closeness is the k-th largest
+    # distance among positives
+    assert report.threshold == -naive_frr_threshold(-d, y.numpy(), 0.2)
+
+
+def test_sortable_keys_order_like_the_floats_and_invert():
+    for dtype in (torch.float32, torch.float64):
+        values = torch.tensor(
+            [-math.inf, -1.0, -1e-40, -0.0, 0.0, 1e-45, 0.5, 1.0, 3e38, math.inf], dtype=dtype
+        )
+        keys = sortable_keys(values)
+        assert torch.all(keys[1:] > keys[:-1])
+        assert [_key_value(int(k), dtype) for k in keys] == values.tolist()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, None])
+def test_large_classes_give_the_small_class_result(chunk_size):
+    x, y = imbalanced(n=400, seed=5)
+    with mock.patch.object(streaming, "LARGE_CLASS_REFERENCES", 10**9):
+        small = opis(x, y, chunk_size=chunk_size, num_thresholds=200)
+    large = opis(x, y, chunk_size=chunk_size, num_thresholds=200)  # class 0 is large
+    assert large.calibration_range == small.calibration_range
+    assert large.opis == pytest.approx(small.opis, rel=1e-12)
+    assert large.eps_opis == pytest.approx(small.eps_opis, rel=1e-12)
+    assert torch.equal(large.state.positive_histogram, small.state.positive_histogram)
+    assert torch.equal(large.state.negative_histogram, small.state.negative_histogram)
+
+
+def test_states_add_in_int64():
+    counts = torch.full((1, 2), 2**31 - 1, dtype=torch.int32)
+    totals = torch.ones(1, dtype=torch.int32)
+    state = OPISState(counts, counts.clone(), totals, totals)
+    total = state + state
+    assert total.positive_histogram.dtype == torch.int64
+    assert int(total.positive_histogram[0, 0]) == 2 * (2**31 - 1)
+
+
+def test_many_classes_are_evaluated_in_blocks(monkeypatch):
+    opis_module = sys.modules["pml_tcm.functional.opis"]  # (the package exports the function)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(300, 6, generator=gen)
+    y = torch.randint(0, 90, (300,), generator=gen)
+    whole = opis(x, y, num_thresholds=50)
+    monkeypatch.setattr(opis_module, "CLASS_BLOCK_ELEMENTS", 50 * 7)  # blocks of 7 classes
+    blocked = opis(x, y, num_thresholds=50)
+    assert blocked.opis == pytest.approx(whole.opis, rel=1e-12)
+    assert blocked.eps_opis == pytest.approx(whole.eps_opis, rel=1e-12)
+    assert torch.equal(blocked.mean_class_utility, whole.mean_class_utility)
+    assert torch.equal(blocked.class_utility, whole.class_utility)
