@@ -55,6 +55,7 @@ def class_error_counts(
 
 
 RADIX_BITS = 16
+RADIX_TILE = 1 << 20
 
 
 def sortable_keys(values: Tensor) -> Tensor:
@@ -94,16 +95,16 @@ def kth_smallest_positive(stream: PairStream, k: int, distributed: bool = False)
         shift = key_bits - RADIX_BITS * (level + 1)
         counts = torch.zeros(1 << RADIX_BITS, dtype=torch.int64, device=device)
         for values in stream.positive_values():
-            keys = sortable_keys(values[~torch.isnan(values)].to(dtype))
-            if prefix is not None:
-                keys = keys[(keys >> (shift + RADIX_BITS)) == prefix]
-            # the top digit is signed (keys are): offset it into [0, 2^16)
-            digits = (
-                (keys >> shift) + (1 << (RADIX_BITS - 1))
-                if prefix is None
-                else ((keys >> shift) & ((1 << RADIX_BITS) - 1))
-            )
-            counts += torch.bincount(digits, minlength=1 << RADIX_BITS)
+            for tile in values.split(RADIX_TILE):  # bounded temporaries (int64 keys)
+                keys = sortable_keys(tile[~torch.isnan(tile)].to(dtype))
+                if prefix is not None:
+                    keys = keys[(keys >> (shift + RADIX_BITS)) == prefix]
+                # the top digit is signed (keys are): offset it into [0, 2^16)
+                if prefix is None:
+                    digits = (keys >> shift) + (1 << (RADIX_BITS - 1))
+                else:
+                    digits = (keys >> shift) & ((1 << RADIX_BITS) - 1)
+                counts += torch.bincount(digits, minlength=1 << RADIX_BITS)
         all_reduce(counts, distributed=distributed)
         cumulative = counts.cumsum(0).cpu()
         digit = int(torch.searchsorted(cumulative, torch.tensor([rank]))[0])
