@@ -12,7 +12,7 @@ import pytest
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-import pml_tcm.embedding_report as embedding_report
+import pml_tcm.report.compute as embedding_report
 from pml_tcm.cli import main
 from pml_tcm.functional.retrieval import (
     RETRIEVAL_METRICS,
