@@ -23,7 +23,7 @@ from .inputs import ReportInputError, require_pairs
 
 REPORT_METRICS = ("precision_at_1", "mean_average_precision_at_r", "opis", "eps_opis")
 
-_BLOCK_BYTES = 64 << 20  # rows normalised per step
+_BLOCK_BYTES = 2 << 20  # rows normalised per step (its few temporaries stay small)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from ..output_files import folder_problem
 from ..provenance import sha256_file
 
 DEVICES = ("cpu", "cuda")
-_BLOCK_BYTES = 64 << 20  # rows checked per step of the NaN / zero-row scan
+_BLOCK_BYTES = 2 << 20  # rows checked per step of the NaN / zero-row scan
 
 
 class ReportInputError(ValueError):
@@ -121,7 +121,8 @@ def check_file(path: Path, what: str) -> None:
 
 def load_embeddings(path: Path, what: str) -> np.ndarray:
     """An ``(N, D)`` finite float array from a ``.npy`` file, read once: float64 stays
-    float64, everything else becomes float32 (one copy of the file's data in memory).
+    float64, everything else becomes float32 (one copy of the file's data in memory; a
+    Fortran-order file stays in Fortran order).
 
     Raises:
         ReportInputError: missing/unreadable file, wrong shape or dtype, NaN/Inf, a zero
@@ -135,7 +136,7 @@ def load_embeddings(path: Path, what: str) -> np.ndarray:
     if mapped.dtype.kind not in "fiu":
         raise ReportInputError(f"{what} {path} must hold numbers, got dtype {mapped.dtype}")
     dtype = np.float64 if mapped.dtype == np.float64 else np.float32
-    array = _read(mapped, path, what, dtype)  # C order, also from a Fortran-order file
+    array = _read(mapped, path, what, dtype)
     del mapped
     step = max(1, _BLOCK_BYTES // (array.shape[1] * array.itemsize))
     for start in range(0, len(array), step):  # in blocks: no (N, D) temporaries
@@ -244,8 +245,24 @@ def _map_npy(path: Path, what: str) -> np.ndarray:
 
 
 def _read(mapped: np.ndarray, path: Path, what: str, dtype: Any) -> np.ndarray:
+    """The data of ``mapped`` (a memory map of ``path``) as a ``dtype`` array in memory.
+    When the file holds exactly that dtype its bytes are read straight into the array
+    (C order, or Fortran order kept as it is: the rows are used a block at a time), so
+    that neither a second copy nor the mapped pages add to the peak."""
     try:
-        return np.array(mapped, dtype=dtype, order="C")
+        if isinstance(mapped, np.memmap) and mapped.dtype == np.dtype(dtype):
+            if mapped.dtype.isnative and (mapped.flags.c_contiguous or mapped.flags.f_contiguous):
+                fortran = not mapped.flags.c_contiguous
+                shape = mapped.shape[::-1] if fortran else mapped.shape
+                array = np.empty(shape, dtype=dtype)
+                with open(path, "rb") as handle:
+                    handle.seek(mapped.offset)
+                    if handle.readinto(memoryview(array).cast("B")) != array.nbytes:
+                        raise ReportInputError(
+                            f"{what} file {path} is shorter than its header says"
+                        )
+                return array.T if fortran else array
+        return np.array(mapped, dtype=dtype, order="K")
     except OSError as error:
         raise ReportInputError(f"cannot read {what} file {path}: {_reason(error)}") from error
 
