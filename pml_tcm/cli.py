@@ -236,7 +236,9 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
         description=(
             "Evaluate embeddings saved from any model (.npy). Without --reference the "
             "embeddings are their own reference set (self pairs excluded). Prints the "
-            "report and writes report.md, report.json and utility_curves.png to --out."
+            "report with a reading of its numbers and writes report.md, report.json and "
+            "(with matplotlib) utility_curves.png to --out, as one set. Rates are fractions "
+            "(1e-3 is 0.1%)."
         ),
         epilog=(
             "examples:\n"
@@ -265,7 +267,10 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
     )
     _add_far_range(report)
     report.add_argument(
-        "--target-far", type=float, default=1e-3, help="target FAR of the calibrated threshold"
+        "--target-far",
+        type=float,
+        default=1e-3,
+        help="target FAR of the calibrated threshold, a fraction in (0, 1]",
     )
     report.add_argument("--worst", type=int, default=5, help="how many worst classes to list")
     report.add_argument(
