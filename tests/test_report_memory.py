@@ -1,5 +1,7 @@
 """The report holds the embeddings file in memory once, plus its unit rows: no stacked
-copies. Peak RSS (``ru_maxrss``) is measured in a fresh subprocess (Linux)."""
+copies. The peak resident set is measured in a fresh subprocess (Linux): ``VmHWM``, reset
+just before the measurement through ``/proc/self/clear_refs`` (``ru_maxrss`` would not do:
+a child inherits the parent's high-water mark through fork and exec)."""
 
 from __future__ import annotations
 
@@ -15,22 +17,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 import torch
 from pml_tcm.report.compute import _unit_rows
 from pml_tcm.report.inputs import load_embeddings
 
-def rss_mb():
+def status_mb(key):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
 
 def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return status_mb("VmHWM")
 
 _unit_rows(torch.ones(4, 4).numpy(), torch.device("cpu"))  # torch's kernels loaded first
-before = rss_mb()
+with open("/proc/self/clear_refs", "w") as handle:
+    handle.write("5")  # the high-water mark starts again from the current resident set
+before = status_mb("VmRSS")
 embeddings = load_embeddings(Path(sys.argv[1]), "embeddings")
 loaded = peak_mb()
 unit = _unit_rows(embeddings, torch.device("cpu"))
