@@ -37,10 +37,9 @@ from .calibration import CalibrationReport, calibrate_threshold
 from .losses import ThresholdConsistentMarginLoss
 from .miner import TCMMiner
 from .plotting import plot_utility_curves
+from .provenance import VERSION as __version__
 from .regularizer import TCMRegularizer
 from .wrapping import with_tcm
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CalibrationReport",

@@ -2,14 +2,21 @@
 and ``report`` (OPIS of saved embeddings).
 
 Bad input (bad settings, missing data set, unreadable or malformed files) ends with one
-line on stderr and exit code 2; no traceback.
+line on stderr and exit code 2; no traceback. Anything else is a bug in pml-tcm (or its
+dependencies): one line saying so and exit code 1; ``PML_TCM_DEBUG=1`` shows the
+traceback. Ctrl-C ends with exit code 130, SIGTERM with 143, each after the files being
+written are cleaned up.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -230,7 +237,9 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
         description=(
             "Evaluate embeddings saved from any model (.npy). Without --reference the "
             "embeddings are their own reference set (self pairs excluded). Prints the "
-            "report and writes report.md, report.json and utility_curves.png to --out."
+            "report with a reading of its numbers and writes report.md, report.json and "
+            "(with matplotlib) utility_curves.png to --out, as one set. Rates are fractions "
+            "(1e-3 is 0.1%)."
         ),
         epilog=(
             "examples:\n"
@@ -259,7 +268,10 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
     )
     _add_far_range(report)
     report.add_argument(
-        "--target-far", type=float, default=1e-3, help="target FAR of the calibrated threshold"
+        "--target-far",
+        type=float,
+        default=1e-3,
+        help="target FAR of the calibrated threshold, a fraction in (0, 1]",
     )
     report.add_argument("--worst", type=int, default=5, help="how many worst classes to list")
     report.add_argument(
@@ -276,24 +288,31 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo.command import run_demo
+    from .demo.settings import DemoSettingsError
 
-    return run_demo(args, device=_resolve_device(args.device))
+    try:
+        return run_demo(args, device=_resolve_device(args.device))
+    except DemoSettingsError as error:
+        raise InputError(str(error)) from error
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from .embedding_report import report_embeddings
+    from .report import ReportInputError, report_embeddings
 
-    report_embeddings(
-        args.embeddings,
-        args.labels,
-        reference=args.reference,
-        reference_labels=args.reference_labels,
-        far_range=tuple(args.far_range),
-        target_far=args.target_far,
-        worst=args.worst,
-        out=args.out,
-        device=_resolve_device(args.device),
-    )
+    try:
+        report_embeddings(
+            args.embeddings,
+            args.labels,
+            reference=args.reference,
+            reference_labels=args.reference_labels,
+            far_range=tuple(args.far_range),
+            target_far=args.target_far,
+            worst=args.worst,
+            out=args.out,
+            device=_resolve_device(args.device),
+        )
+    except ReportInputError as error:
+        raise InputError(str(error)) from error
     return 0
 
 
@@ -310,15 +329,54 @@ def _resolve_device(choice: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``pml-tcm`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
 
-    Without a command it prints the help (the command list) and returns 0.
+    Without a command it prints the help (the command list) and returns 0. Exit codes:
+    2 for bad input (one line on stderr), 1 for an internal error (one line; set
+    ``PML_TCM_DEBUG=1`` for the traceback), 130 for Ctrl-C, 143 for SIGTERM.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    prog = f"pml-tcm {args.command}"
     try:
-        return args.handler(args)
-    except (InputError, ValueError) as error:
-        print(f"pml-tcm {args.command}: error: {error}", file=sys.stderr)
+        with _sigterm_as_exit():
+            return args.handler(args)
+    except InputError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+            raise
+        reason = str(error).splitlines()[0] if str(error) else ""
+        print(
+            f"{prog}: internal error (a bug in pml-tcm, please report it): "
+            f"{type(error).__name__}{': ' + reason if reason else ''} "
+            f"(rerun with {DEBUG_VARIABLE}=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+DEBUG_VARIABLE = "PML_TCM_DEBUG"
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM raises ``SystemExit(143)``, so that cleanup (``finally``) runs, as for
+    Ctrl-C; only in the main thread, where signal handlers live."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

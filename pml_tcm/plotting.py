@@ -9,14 +9,16 @@ import torch
 
 from .functional.opis import OPISResult
 
+INSTALL_HINT = "pip install 'pml-tcm[examples]' (from a checkout: pip install '.[examples]')"
+"""How to get matplotlib, the figures' one optional dependency (the ``examples`` extra;
+``plot`` holds matplotlib alone)."""
+
 
 def _pyplot_free_figure():
     try:
         from matplotlib.figure import Figure
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "plot_utility_curves needs matplotlib: pip install 'pml-tcm[plot]'"
-        ) from error
+    except ImportError as error:
+        raise ImportError(f"plot_utility_curves needs matplotlib: {INSTALL_HINT}") from error
     return Figure
 
 
@@ -33,8 +35,12 @@ def plot_utility_curves(
     legend: bool | None = None,
     threshold: float | None = None,
     threshold_label: str | None = None,
+    highlight: Sequence[int | float] | None = None,
 ) -> Any:
     """Every class's utility ``U_c`` over the calibration range, with ``U_all`` on top.
+
+    Classes without a positive pair (``result.excluded``: OPIS leaves them out, their
+    utility is 0 everywhere) are not drawn.
 
     The figure is built without pyplot (safe under the Agg backend and in threads);
     nothing is shown.
@@ -55,12 +61,18 @@ def plot_utility_curves(
         threshold: mark this threshold (e.g. the one calibrated for a target FAR) with a
             dashed vertical line; the x-range is widened to show it.
         threshold_label: the mark's legend label (default ``"threshold <value>"``).
+        highlight: labels of classes to single out (e.g. the worst ones), in order. With
+            more than ``max_legend_classes`` classes these get their own colours and
+            legend entries and every other class is drawn as a faint band (its min-max
+            and its middle 50 % at each threshold) instead of a line each; with fewer,
+            they are drawn thicker.
 
     The y-range is fitted to the curves (with a small margin, inside [0, 1]).
 
     Returns:
-        The matplotlib ``Figure`` holding the axes. The axes hold one line per class
-        (labelled with its name) and then the pooled line (label ``"pooled"``).
+        The matplotlib ``Figure`` holding the axes. The axes hold one line per drawn
+        class (labelled with its name) and then the pooled line (label ``"pooled"``);
+        with the band, the lines are the highlighted classes alone.
 
     Raises:
         ImportError: matplotlib is not installed.
@@ -73,18 +85,34 @@ def plot_utility_curves(
         _pyplot_free_figure()
         figure = ax.figure
     thresholds = result.thresholds.numpy()
-    labels = result.classes.tolist()
+    kept = ~result.excluded
+    labels = result.classes[kept].tolist()
+    curves = result.class_utility[kept].numpy()
     distinct = len(labels) <= max_legend_classes
-    palette = _class_colours(len(labels)) if distinct else ["tab:blue"] * len(labels)
-    for label, colour, curve in zip(labels, palette, result.class_utility.numpy()):
-        ax.plot(
-            thresholds,
-            curve,
-            color=colour,
-            alpha=class_alpha if not distinct else max(class_alpha, 0.8),
-            linewidth=class_linewidth,
-            label=_class_name(label, class_names),
-        )
+    chosen = [label for label in (highlight or ()) if label in set(labels)]
+    if chosen and not distinct:
+        _draw_band(ax, thresholds, curves, [label not in chosen for label in labels])
+        colours = _class_colours(len(chosen) + 1)[1:]  # the first, blue, is the band's
+        for colour, label in zip(colours, chosen):
+            ax.plot(
+                thresholds,
+                curves[labels.index(label)],
+                color=colour,
+                linewidth=max(class_linewidth, 1.4),
+                label=_class_name(label, class_names),
+                zorder=2.5,
+            )
+    else:
+        palette = _class_colours(len(labels)) if distinct else ["tab:blue"] * len(labels)
+        for label, colour, curve in zip(labels, palette, curves):
+            ax.plot(
+                thresholds,
+                curve,
+                color=colour,
+                alpha=class_alpha if not distinct else max(class_alpha, 0.8),
+                linewidth=class_linewidth * (2.0 if label in chosen else 1.0),
+                label=_class_name(label, class_names),
+            )
     ax.plot(
         thresholds,
         result.pooled_utility.numpy(),
@@ -113,7 +141,7 @@ def plot_utility_curves(
     ax.set_title(
         title if title is not None else f"OPIS {result.opis:.3g}, ε-OPIS {result.eps_opis:.3g}"
     )
-    show_legend = distinct if legend is None else legend
+    show_legend = (distinct or bool(chosen)) if legend is None else legend
     if show_legend:
         ax.legend(fontsize="small", loc="best")
     return figure
@@ -121,11 +149,12 @@ def plot_utility_curves(
 
 def utility_range(results: Sequence[OPISResult], margin: float = 0.06) -> tuple[float, float]:
     """A y-range holding every class and pooled utility of ``results``, with ``margin``
-    of its height added on both sides, clipped to [0, 1]."""
+    of its height added on both sides, clipped to [0, 1]. Classes without a positive pair
+    (``excluded``) are left out, as in the figure."""
     values = [
         curve.flatten()
         for result in results
-        for curve in (result.class_utility, result.pooled_utility)
+        for curve in (result.class_utility[~result.excluded], result.pooled_utility)
         if curve.numel()
     ]
     if not values:
@@ -134,6 +163,34 @@ def utility_range(results: Sequence[OPISResult], margin: float = 0.06) -> tuple[
     low, high = float(joined.min()), float(joined.max())
     pad = margin * (high - low) if high > low else 0.05
     return max(0.0, low - pad), min(1.0, high + pad)
+
+
+def _draw_band(ax: Any, thresholds: Any, curves: Any, rest: list[bool]) -> None:
+    """The classes in ``rest`` as a faint min-max band with their middle 50 % darker."""
+    import numpy as np
+
+    others = curves[np.asarray(rest, dtype=bool)]
+    if not len(others):
+        return
+    low, q25, q75, high = np.quantile(others, [0.0, 0.25, 0.75, 1.0], axis=0)
+    ax.fill_between(
+        thresholds,
+        low,
+        high,
+        color="tab:blue",
+        alpha=0.18,
+        linewidth=0,
+        label=f"other {len(others)} classes: range",
+    )
+    ax.fill_between(
+        thresholds,
+        q25,
+        q75,
+        color="tab:blue",
+        alpha=0.35,
+        linewidth=0,
+        label="other classes: middle 50%",
+    )
 
 
 def _class_colours(num_classes: int) -> list[Any]:

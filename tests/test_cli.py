@@ -131,7 +131,7 @@ def test_report_files_hold_the_printed_numbers_inputs_settings_and_versions(
             item for item in document["inputs"] if item["role"] == role
         ).items()
     settings = {row[0]: row[1] for row in _table(markdown, "Settings")}
-    assert settings["target_far"] == "0.01" and settings["worst"] == "3"
+    assert settings["target_far"] == "0.01 (1%)" and settings["worst"] == "3"
     assert document["settings"]["far_range"] == [1e-3, 1e-2]
     # versions and time
     for name in ("pytorch-metric-learning", "torch"):
@@ -195,7 +195,7 @@ def _bad_inputs(tmp_path, embeddings, labels):
         ("nan_labels", {"labels.npy": np.where(labels == 2, np.nan, labels)}, [], "NaN"),
         ("text_array", {"emb.npy": np.array([["a", "b"]])}, [], "numbers"),
         ("reference_alone", {}, ["--reference", "REF"], "together"),
-        ("bad_far", {}, ["--target-far", "2"], "target_far"),
+        ("bad_far", {}, ["--target-far", "2"], "--target-far"),
         (
             "corrupt_header",
             {"emb.npy": _npy_header(b"{'descr': '<f4', 'fortran_order'")},
@@ -422,3 +422,65 @@ def test_argument_errors_are_one_line_and_exit_2(argv, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("pml-tcm") and "error:" in err
+
+
+@pytest.mark.parametrize(
+    "extra, phrase",
+    [
+        (["--target-far", "2"], "--target-far must be a fraction in (0, 1]"),
+        (["--target-far", "0"], "--target-far must be a fraction in (0, 1]"),
+        (["--target-far", "nan"], "--target-far takes finite numbers"),
+        (["--far-range", "0.1", "0.01"], "LO must not exceed HI"),
+        (["--far-range", "0", "0.01"], "fractions in (0, 1]"),
+        (["--far-range", "0.001", "5"], "fractions in (0, 1]"),
+        (["--worst", "0"], "--worst must be a positive integer"),
+    ],
+)
+def test_report_settings_are_refused_before_any_work(
+    saved_embeddings, tmp_path, capsys, monkeypatch, extra, phrase
+):
+    import pml_tcm.report.command as command
+
+    monkeypatch.setattr(command, "load_embeddings", lambda *a: pytest.fail("loaded"))
+    monkeypatch.setattr(command, "compute_report", lambda *a, **k: pytest.fail("computed"))
+    folder, _, _ = saved_embeddings
+    args = ["report", str(folder / "emb.npy"), str(folder / "labels.npy")]
+    assert main(args + ["--out", str(tmp_path / "out"), *extra]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("pml-tcm report: error:") and phrase in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "path, phrase",
+    [("/dev/zero", "is a device, not a regular .npy file"), ("FOLDER", "is a folder")],
+)
+def test_report_input_that_is_not_a_regular_file(saved_embeddings, tmp_path, capsys, path, phrase):
+    folder, _, _ = saved_embeddings
+    path = str(tmp_path) if path == "FOLDER" else path
+    assert main(["report", path, str(folder / "labels.npy"), "--out", str(tmp_path / "o")]) == 2
+    line = _one_error_line(capsys)
+    assert f"embeddings file {path} {phrase}" in line and "does not exist" not in line, line
+
+
+def test_an_internal_error_says_so_exits_1_and_shows_its_traceback_on_request(
+    saved_embeddings, tmp_path, capsys, monkeypatch
+):
+    import pml_tcm.report.command as command
+
+    def broken(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(command, "compute_report", broken)
+    folder, _, _ = saved_embeddings
+    args = ["report", str(folder / "emb.npy"), str(folder / "labels.npy")]
+    args += ["--out", str(tmp_path / "out")]
+    monkeypatch.delenv("PML_TCM_DEBUG", raising=False)
+    assert main(args) == 1
+    line = _one_error_line(capsys)
+    assert line.startswith("pml-tcm report: internal error (a bug in pml-tcm"), line
+    assert "ValueError: operands could not be broadcast together" in line
+    assert "PML_TCM_DEBUG=1" in line
+    monkeypatch.setenv("PML_TCM_DEBUG", "1")
+    with pytest.raises(ValueError, match="broadcast"):
+        main(args)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-import pml_tcm.embedding_report as embedding_report
+import pml_tcm.report.compute as embedding_report
 from pml_tcm.cli import main
 from pml_tcm.functional.retrieval import (
     RETRIEVAL_METRICS,
@@ -21,6 +21,7 @@ from pml_tcm.functional.retrieval import (
     _rank_keys,
     retrieval_metrics,
 )
+from pml_tcm.report import render
 
 CPU = torch.device("cpu")
 P1, MAP = RETRIEVAL_METRICS
@@ -228,7 +229,7 @@ def test_report_skips_what_does_not_fit_with_one_line(monkeypatch, tmp_path, cap
         assert [k for k in RETRIEVAL_METRICS if math.isnan(report.metrics[k])] == skipped
         assert len(report.notes) == 1 and "skipped" in report.notes[0]
         assert "\n" not in report.notes[0]
-        assert report.notes[0] in report.text(3)
+        assert report.notes[0] in render.text(report, 3)
         assert report.metrics["opis"] == full.metrics["opis"]
         if skipped == [MAP]:
             assert report.metrics[P1] == full.metrics[P1]

@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-INSTALL = "pip install 'pml-tcm[examples]'"
+from ..plotting import INSTALL_HINT
+
+INSTALL = INSTALL_HINT  # the library's figures name the same extra
 PACKAGES = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}
 
 

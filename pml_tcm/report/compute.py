@@ -1,0 +1,176 @@
+"""The numbers of ``pml-tcm report``, all from :func:`compute_report`.
+
+R@1 and MAP@R (exact, in bounded memory:
+:func:`pml_tcm.functional.retrieval.retrieval_metrics`), OPIS and ε-OPIS (through
+:class:`pml_tcm.OPISAccuracyCalculator`) and the global threshold for a target FAR with
+its per-class FAR/FRR (:func:`pml_tcm.calibration.calibrate_threshold`). Embeddings are
+L2-normalised first, as pml's testers do, so every number is cosine-based.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..accuracy import OPISAccuracyCalculator
+from ..calibration import CalibrationReport, calibrate_threshold
+from ..functional.normalize import unit_rows
+from ..functional.opis import OPISResult
+from ..functional.retrieval import RETRIEVAL_METRICS, RetrievalMemoryError, retrieval_metrics
+from .inputs import ReportInputError, require_pairs
+
+REPORT_METRICS = ("precision_at_1", "mean_average_precision_at_r", "opis", "eps_opis")
+
+_BLOCK_BYTES = 2 << 20  # rows normalised per step (its few temporaries stay small)
+
+
+@dataclass
+class EmbeddingReport:
+    """Everything ``pml-tcm report`` computes.
+
+    Attributes:
+        metrics: :data:`REPORT_METRICS` values.
+        opis_result: the OPIS result (per-class utility curves).
+        calibration: the threshold for the target FAR and its per-class FAR/FRR.
+        num_queries: number of query embeddings.
+        num_references: number of reference embeddings (the queries when no reference
+            set is given).
+        notes: one line per metric skipped (NaN in ``metrics``) and why.
+    """
+
+    metrics: dict[str, float]
+    opis_result: OPISResult
+    calibration: CalibrationReport
+    num_queries: int
+    num_references: int
+    notes: list[str] = field(default_factory=list)
+
+    def worst_classes(self, count: int) -> list[tuple[int | float, float, float, float]]:
+        """``(label, mean utility, FAR, FRR)`` of the ``count`` classes with the lowest
+        mean utility ``⟨U_c⟩`` over the calibration range; classes without a positive
+        pair (``OPISResult.excluded``: OPIS leaves them out) are never among them."""
+        result, calibration = self.opis_result, self.calibration
+        rates = {
+            label: (float(far), float(frr))
+            for label, far, frr in zip(
+                calibration.classes.tolist(), calibration.class_far, calibration.class_frr
+            )
+        }
+        included = (~result.excluded).nonzero().squeeze(1)
+        order = torch.argsort(result.mean_class_utility[included], stable=True)[:count]
+        rows = []
+        for index in included[order].tolist():
+            label = result.classes[index].item()
+            far, frr = rates.get(label, (float("nan"), float("nan")))
+            rows.append((label, float(result.mean_class_utility[index]), far, frr))
+        return rows
+
+    def excluded_classes(self) -> list[int | float]:
+        """Labels of the classes without a positive pair (left out of OPIS)."""
+        result = self.opis_result
+        return result.classes[result.excluded].tolist()
+
+
+def compute_report(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    reference: np.ndarray | None = None,
+    reference_labels: np.ndarray | None = None,
+    far_range: tuple[float, float] = (1e-3, 1e-2),
+    target_far: float = 1e-3,
+    device: str | torch.device = "cpu",
+) -> EmbeddingReport:
+    """The report for in-memory arrays.
+
+    Without a reference set the embeddings are their own references, self pairs
+    excluded. Everything (R@1 and MAP@R, OPIS, calibration) runs on ``device``; R@1 and
+    MAP@R rank on the host and are skipped (NaN, with a note) when one query's ranking
+    does not fit their memory budget.
+
+    Args:
+        embeddings: ``(N, D)`` float queries.
+        labels: ``(N,)`` their class labels.
+        reference: ``(M, D)`` references, or ``None`` for the embeddings themselves.
+        reference_labels: ``(M,)`` labels of ``reference``.
+        far_range: ``(far_lo, far_hi)`` of the range OPIS is measured over (fractions).
+        target_far: the FAR (a fraction) the threshold is calibrated for.
+        device: where to compute.
+
+    Raises:
+        ValueError: bad settings or sets (e.g. a single class: no negative pair).
+    """
+    require_pairs(labels, reference_labels)
+    device = torch.device(device)
+    queries = _unit_rows(embeddings, device)
+    query_labels = torch.as_tensor(labels).to(device)
+    if reference is None:
+        references, ref_labels, ref_includes_query = queries, query_labels, True
+    else:
+        if reference.shape[1] != embeddings.shape[1]:
+            raise ReportInputError(
+                f"reference has embedding size {reference.shape[1]}, embeddings "
+                f"{embeddings.shape[1]}"
+            )
+        references = _unit_rows(reference, device, queries.dtype)
+        ref_labels, ref_includes_query = torch.as_tensor(reference_labels).to(device), False
+    calculator = OPISAccuracyCalculator(
+        far_range=far_range, include=("opis", "eps_opis"), device=device
+    )
+    accuracies = calculator.get_accuracy(
+        queries, query_labels, references, ref_labels, ref_includes_query
+    )
+    # R@1 and MAP@R in bounded memory (pml's k-NN search holds N x max R neighbours)
+    knn, notes = _retrieval_metrics(queries, query_labels, references, ref_labels)
+    accuracies.update(knn)
+    calibration = calibrate_threshold(
+        queries,
+        query_labels,
+        None if reference is None else references,
+        None if reference is None else ref_labels,
+        target_far=target_far,
+    )
+    return EmbeddingReport(
+        {name: float(accuracies[name]) for name in REPORT_METRICS},
+        calculator.last_result,
+        calibration,
+        len(queries),
+        len(references),
+        notes,
+    )
+
+
+def _unit_rows(
+    array: np.ndarray, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """:func:`~pml_tcm.functional.normalize.unit_rows` of ``array`` on ``device``, a block
+    of rows at a time: one ``(N, D)`` result and no ``(N, D)`` temporaries beside it."""
+    source = torch.as_tensor(array)
+    dtype = source.dtype if dtype is None else dtype
+    result = torch.empty(source.shape, dtype=dtype, device=device)
+    step = max(1, _BLOCK_BYTES // max(1, source.shape[1] * source.element_size()))
+    for start in range(0, source.shape[0], step):
+        block = source[start : start + step].to(device=device, dtype=dtype)
+        result[start : start + step] = unit_rows(block)
+    return result
+
+
+def _retrieval_metrics(
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    references: torch.Tensor,
+    ref_labels: torch.Tensor,
+) -> tuple[dict[str, float], list[str]]:
+    """R@1 and MAP@R; those that do not fit the memory budget are NaN, with a note."""
+    refs = (None, None) if references is queries else (references, ref_labels)
+    nan = float("nan")
+    try:
+        return retrieval_metrics(queries, query_labels, *refs), []
+    except RetrievalMemoryError as error:
+        note = f"MAP@R skipped: {error}"
+    try:
+        values = retrieval_metrics(queries, query_labels, *refs, include=("precision_at_1",))
+    except RetrievalMemoryError as error:
+        return dict.fromkeys(RETRIEVAL_METRICS, nan), [f"R@1, MAP@R skipped: {error}"]
+    return {**values, "mean_average_precision_at_r": nan}, [note]
