@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -202,25 +201,38 @@ def calibrate_threshold(
         chunk_size=chunk_size,
         distributed=distributed,
     )
+    target = ("far", float(target_far)) if target_far is not None else ("frr", float(target_frr))
+    return calibration_report(
+        closeness, target, sets.label_values[classes.cpu()], counts, distance.is_inverted
+    )
+
+
+def calibration_report(
+    closeness: float,
+    target: tuple[str, float],
+    classes: Tensor,
+    counts: tuple[Tensor, Tensor, Tensor, Tensor],
+    higher_is_closer: bool = True,
+) -> CalibrationReport:
+    """The :class:`CalibrationReport` of a closeness threshold and its per-class counts
+    ``(false_accepts, false_rejects, negatives, positives)`` (``(C,)`` each; ``classes``
+    the labels of their rows)."""
     false_accepts, false_rejects, negatives, positives = (c.cpu() for c in counts)
     has_negatives, has_positives = negatives > 0, positives > 0
     class_far = false_accepts.double() / negatives.clamp(min=1)
     class_frr = false_rejects.double() / positives.clamp(min=1)
     far = float(false_accepts.sum()) / max(1, int(negatives.sum()))
     frr = float(false_rejects.sum()) / max(1, int(positives.sum()))
-    classes = sets.label_values[classes.cpu()]
     worst_far_class, worst_far, far_spread, far_pct = _rate_summary(
         class_far, has_negatives, classes
     )
     worst_frr_class, worst_frr, frr_spread, frr_pct = _rate_summary(
         class_frr, has_positives, classes
     )
-    threshold = closeness if distance.is_inverted else -closeness
-    if math.isinf(threshold):
-        threshold = float(threshold)
+    threshold = float(closeness if higher_is_closer else -closeness)
     return CalibrationReport(
         threshold=threshold,
-        target=("far", float(target_far)) if target_far is not None else ("frr", float(target_frr)),
+        target=target,
         far=far,
         frr=frr,
         classes=classes,

@@ -105,3 +105,25 @@ def test_many_classes_are_evaluated_in_blocks(monkeypatch):
     assert blocked.eps_opis == pytest.approx(whole.eps_opis, rel=1e-12)
     assert torch.equal(blocked.mean_class_utility, whole.mean_class_utility)
     assert torch.equal(blocked.class_utility, whole.class_utility)
+
+
+@pytest.mark.parametrize("large", [4, 10**9])
+@pytest.mark.parametrize("target_far", [1e-3, 5e-3, 0.05])  # in, inside and below the range
+@pytest.mark.parametrize("retain_limit", [0, 1 << 27])
+def test_one_pass_evaluation_equals_opis_and_calibration(large, target_far, retain_limit):
+    from pml_tcm.functional.opis import evaluate_sets
+    from pml_tcm.functional.prepare import prepare_sets
+
+    x, y = imbalanced(n=260, seed=11, big=0.5)
+    with mock.patch.object(streaming, "LARGE_CLASS_REFERENCES", large):
+        together = evaluate_sets(
+            prepare_sets(x, y), target_far=target_far, retain_limit=retain_limit
+        )
+        alone = opis(x, y)
+        report = calibrate_threshold(x, y, target_far=target_far)
+    assert together.opis.opis == alone.opis
+    assert together.opis.eps_opis == alone.eps_opis
+    assert together.threshold == report.threshold
+    false_accepts, false_rejects, negatives, positives = together.counts
+    assert torch.equal(false_accepts.double() / negatives, report.class_far)
+    assert torch.equal(false_rejects.double() / positives, report.class_frr)

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .streaming import ChunkPairs, PairStream, PositiveSlab
+from .streaming import ChunkPairs, PairStream, PositiveSlab, ceil_to_dtype
 
 
 def ceil_grid(grid: Tensor, dtype: torch.dtype) -> Tensor:
@@ -87,8 +87,15 @@ class _GridCounter:
     negatives as all pairs minus the positive and the self pairs.
     """
 
-    def __init__(self, stream: PairStream, closeness_grid: Tensor) -> None:
+    def __init__(
+        self, stream: PairStream, closeness_grid: Tensor, threshold: float | None = None
+    ) -> None:
         self.stream = stream
+        self.threshold = threshold
+        # pairs >= threshold per class: all, positive, self (the calibration counts)
+        self.accepted = torch.zeros(
+            3, stream.classes.shape[0], dtype=torch.int64, device=stream.queries.device
+        )
         self.grid_size = closeness_grid.shape[0]
         self.num_classes = stream.classes.shape[0]
         self.grid = closeness_grid.to(torch.float64)
@@ -120,6 +127,19 @@ class _GridCounter:
         self.negative.add(positive_keys, -1)
         self_keys = row_key.index_select(0, pairs.self_rows) + self.buckets(pairs.self_values)
         self.negative.add(self_keys, -1)
+        if self.threshold is not None:
+            limit = ceil_to_dtype(self.threshold, pairs.values.dtype)
+            row_class = self.stream.query_class[pairs.start : pairs.end]
+            size = self.num_classes
+            classes = torch.div(all_keys, self.grid_size + 1, rounding_mode="floor")
+            for slot, (values, of_class) in enumerate(
+                (
+                    (pairs.values, classes),
+                    (pairs.positive_values, row_class.index_select(0, pairs.positive_rows)),
+                    (pairs.self_values, row_class.index_select(0, pairs.self_rows)),
+                )
+            ):
+                self.accepted[slot] += torch.bincount(of_class[values >= limit], minlength=size)
 
     def add_slab(self, slab: PositiveSlab) -> None:
         """Count a large class's positive slab where it lies (no pair gathered): a
@@ -130,6 +150,10 @@ class _GridCounter:
         target += self.bucket_histogram(block.reshape(-1))
         if self_scores.numel():
             self.positive.add(offset + self.buckets(self_scores), -1)
+        if self.threshold is not None:
+            limit = ceil_to_dtype(self.threshold, block.dtype)
+            every, selves = (block >= limit).sum(), (self_scores >= limit).sum()
+            self.accepted[:, slab.class_index] += torch.stack([every, every - selves, selves])
 
     def bucket_histogram(self, values: Tensor) -> Tensor:
         """``(G + 1,)`` int64: how many ``values`` fall in each bucket (exact).
@@ -214,7 +238,8 @@ def grid_histograms(
     stream: PairStream,
     closeness_grid: Tensor,
     retained: Iterable[ChunkPairs] | None = None,
-) -> tuple[Tensor, Tensor]:
+    threshold: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Positive and negative histograms of the stream's pairs on the grid.
 
     Args:
@@ -224,17 +249,30 @@ def grid_histograms(
             search), or ``None`` for a pass over all pieces. The large classes' positive
             slabs are counted in place after them.
 
+        threshold: also count, per class, the pairs ``>= threshold`` (a calibrated
+            threshold, in the same pass; ``retained`` must reach down to it).
+
     Returns:
-        ``(positive, negative)``, each ``(C, G)`` int32 (int64 where a count could pass
-        2^31): ``[c, i]`` counts the pairs of
-        class ``c`` with score in ``[g_i, g_{i+1})`` (the last bucket is ``[g_{G-1}, ∞)``).
+        ``(positive, negative, accepted)``: ``positive`` and ``negative`` are ``(C, G)``
+        int32 (int64 where a count could pass 2^31), ``[c, i]`` counting the pairs of
+        class ``c`` with score in ``[g_i, g_{i+1})`` (the last bucket is ``[g_{G-1}, ∞)``);
+        ``accepted`` is ``(2, C)`` int64, the negative and the positive pairs
+        ``>= threshold`` per class (``None`` without ``threshold``).
     """
-    counter = _GridCounter(stream, closeness_grid)
+    counter = _GridCounter(stream, closeness_grid, threshold)
     if retained is None:
-        floor = float(closeness_grid[0])
+        floor = (
+            float(closeness_grid[0])
+            if threshold is None
+            else min(float(closeness_grid[0]), threshold)
+        )
         retained = (stream.scan(floor, piece) for piece in stream.pieces())
     for pairs in retained:
         counter.add(pairs)
     for slab in stream.positive_slabs():
         counter.add_slab(slab)
-    return counter.histograms()
+    positive, negative = counter.histograms()
+    if threshold is None:
+        return positive, negative, None
+    every, positives, selves = counter.accepted
+    return positive, negative, torch.stack([every - positives - selves, positives])

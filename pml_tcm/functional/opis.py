@@ -78,7 +78,7 @@ def _count_state(
 ) -> OPISState:
     """Counts on the grid: from ``retained`` pairs (gathered at or below ``g_0``) or from
     a pass over all chunks."""
-    positive_histogram, negative_histogram = grid_histograms(
+    positive_histogram, negative_histogram, _ = grid_histograms(
         stream=stream, closeness_grid=closeness_grid, retained=retained
     )
     positives, negatives = stream.pair_totals()
@@ -419,6 +419,63 @@ def opis_of_sets(
 ) -> OPISResult:
     """:func:`opis` of sets already prepared by
     :func:`~pml_tcm.functional.prepare.prepare_sets` (settings unchecked)."""
+    return evaluate_sets(
+        sets,
+        calibration_range=calibration_range,
+        far_range=far_range,
+        num_thresholds=num_thresholds,
+        beta=beta,
+        epsilon=epsilon,
+        score_fn=score_fn,
+        higher_is_closer=higher_is_closer,
+        chunk_size=chunk_size,
+        distributed=distributed,
+        collect_limit=collect_limit,
+        retain_limit=retain_limit,
+        seed=seed,
+    ).opis
+
+
+@dataclass
+class Evaluation:
+    """OPIS and a calibrated threshold from one pass (:func:`evaluate_sets`).
+
+    Attributes:
+        opis: the :class:`OPISResult`.
+        threshold: the closeness threshold of ``target_far`` (``None`` without one).
+        classes: ``(C,)`` int64 class ids of the rows of ``counts``.
+        counts: ``(false_accepts, false_rejects, negatives, positives)`` per class at
+            ``threshold``, ``(C,)`` int64 each (``None`` without a threshold).
+    """
+
+    opis: OPISResult
+    threshold: float | None = None
+    classes: Tensor | None = None
+    counts: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+
+
+def evaluate_sets(
+    sets: PreparedSets,
+    *,
+    target_far: float | None = None,
+    calibration_range: tuple[float, float] | None = None,
+    far_range: tuple[float, float] = (1e-3, 1e-2),
+    num_thresholds: int = 1000,
+    beta: float = 1.0,
+    epsilon: float = 0.1,
+    score_fn: ScoreFn = cosine_similarity_scores,
+    higher_is_closer: bool = True,
+    chunk_size: int | None = None,
+    distributed: bool = False,
+    collect_limit: int = 1 << 24,
+    retain_limit: int = 1 << 27,
+    seed: int = 0,
+) -> Evaluation:
+    """OPIS and, with ``target_far``, the threshold of that FAR with its per-class error
+    counts, from one guide and one pass: the three FAR ranks (``far_range`` and
+    ``target_far``) are searched together, and the per-class pairs at the threshold are
+    counted with the grid (same numbers as :func:`opis` and
+    :func:`~pml_tcm.functional.calibration.calibrate_closeness_threshold`)."""
     classes = global_classes(sets.query_ids, distributed=distributed)
     stream = PairStream(
         queries=sets.queries,
@@ -432,58 +489,73 @@ def opis_of_sets(
         chunk_size=chunk_size,
     )
     retained = None
+    threshold = None
+    if target_far is not None or calibration_range is None:
+        num_negatives = num_negative_pairs(stream, distributed=distributed)
+        if target_far is not None and num_negatives == 0:
+            raise ValueError("target_far: there is no negative pair (a single class)")
     if calibration_range is not None:
         lo, hi = calibration_range
         closeness_range = (lo, hi) if higher_is_closer else (-hi, -lo)
+        if target_far is not None:
+            (threshold,) = _far_thresholds(
+                stream, [target_far], num_negatives, distributed, collect_limit, 0, seed
+            )[0]
+    elif num_negatives == 0:
+        closeness_range = _positive_score_range(stream, distributed)
     else:
-        closeness_range, retained = _far_closeness_range(
-            stream,
-            far_range,
-            distributed=distributed,
-            collect_limit=collect_limit,
-            retain_limit=retain_limit,
-            seed=seed,
+        fars = [far_range[1], far_range[0]] + ([] if target_far is None else [target_far])
+        values, retained, retained_floor = _far_thresholds(
+            stream, fars, num_negatives, distributed, collect_limit, retain_limit, seed
         )
+        closeness_range = (values[0], values[1])
+        threshold = values[2] if target_far is not None else None
+        lowest = min(values[0], values[2]) if threshold is not None else values[0]
+        if retained is not None and retained_floor > lowest:
+            retained = None
     grid = threshold_grid(closeness_range[0], closeness_range[1], num_thresholds)
-    state = _count_state(stream, grid.to(sets.queries.device), retained)
+    positive_histogram, negative_histogram, accepted = grid_histograms(
+        stream=stream,
+        closeness_grid=grid.to(sets.queries.device),
+        retained=retained,
+        threshold=threshold,
+    )
+    positives, negatives = stream.pair_totals()
+    state = OPISState(positive_histogram, negative_histogram, positives, negatives)
     if distributed:
         state.all_reduce()
     result = opis_compute(
         state, classes, grid, beta=beta, epsilon=epsilon, higher_is_closer=higher_is_closer
     )
     result.classes = sets.label_values[result.classes]
-    return result
+    if threshold is None:
+        return Evaluation(result)
+    accepted = all_reduce(accepted.contiguous(), distributed=distributed)
+    false_accepts, true_accepts = accepted
+    counts = (false_accepts, state.positives - true_accepts, state.negatives, state.positives)
+    return Evaluation(result, threshold, classes, counts)
 
 
-def _far_closeness_range(
+def _far_thresholds(
     stream: PairStream,
-    far_range: tuple[float, float],
-    *,
+    fars: list[float],
+    num_negatives: int,
     distributed: bool,
     collect_limit: int,
     retain_limit: int,
     seed: int,
-) -> tuple[tuple[float, float], list[ChunkPairs] | None]:
-    """The closeness range ``(t_lo, t_hi)`` of ``far_range`` and the pairs the search
-    retained for the counting (``None`` when they do not reach down to ``t_lo``)."""
-    num_negatives = num_negative_pairs(stream, distributed=distributed)
-    if num_negatives == 0:
-        return _positive_score_range(stream, distributed), None
-    far_lo, far_hi = far_range
+) -> tuple[list[float], list[ChunkPairs] | None, float]:
+    """The exact closeness threshold of each FAR, the retained pairs and their floor."""
     search = far_closeness_thresholds(
         stream=stream,
-        ranks=[far_rank(far_hi, num_negatives), far_rank(far_lo, num_negatives)],
+        ranks=[far_rank(far, num_negatives) for far in fars],
         num_negatives=num_negatives,
         distributed=distributed,
         collect_limit=collect_limit,
         retain_limit=retain_limit,
         seed=seed,
     )
-    t_lo, t_hi = search.values
-    retained = search.retained
-    if retained is not None and search.retained_floor > t_lo:
-        retained = None
-    return (t_lo, t_hi), retained
+    return search.values, search.retained, search.retained_floor
 
 
 def _positive_score_range(stream: PairStream, distributed: bool) -> tuple[float, float]:

@@ -1,10 +1,12 @@
 """The numbers of ``pml-tcm report``, all from :func:`compute_report`.
 
-R@1 and MAP@R (exact, in bounded memory:
-:func:`pml_tcm.functional.retrieval.retrieval_metrics`), OPIS and ε-OPIS (through
-:class:`pml_tcm.OPISAccuracyCalculator`) and the global threshold for a target FAR with
-its per-class FAR/FRR (:func:`pml_tcm.calibration.calibrate_threshold`). Embeddings are
-L2-normalised first, as pml's testers do, so every number is cosine-based.
+The sets are prepared once (:func:`pml_tcm.functional.prepare.prepare_sets`); OPIS,
+ε-OPIS and the global threshold for a target FAR with its per-class FAR/FRR come from one
+guide and one pass over the pairs (:func:`pml_tcm.functional.opis.evaluate_sets`: the
+same numbers as :class:`pml_tcm.OPISAccuracyCalculator` and
+:func:`pml_tcm.calibrate_threshold`), R@1 and MAP@R from the exact bounded-memory
+ranking (:func:`pml_tcm.functional.retrieval.retrieval_metrics`, pml's definitions).
+Embeddings are L2-normalised first, as pml's testers do, so every number is cosine-based.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..accuracy import OPISAccuracyCalculator
-from ..calibration import CalibrationReport, calibrate_threshold
+from ..calibration import CalibrationReport, calibration_report
 from ..functional.normalize import unit_rows
-from ..functional.opis import OPISResult
+from ..functional.opis import OPISResult, evaluate_sets
+from ..functional.prepare import PreparedSets, prepare_sets
 from ..functional.retrieval import RETRIEVAL_METRICS, RetrievalMemoryError, retrieval_metrics
 from .inputs import ReportInputError, require_pairs
 
@@ -104,39 +106,39 @@ def compute_report(
     require_pairs(labels, reference_labels)
     device = torch.device(device)
     queries = _unit_rows(embeddings, device)
-    query_labels = torch.as_tensor(labels).to(device)
-    if reference is None:
-        references, ref_labels, ref_includes_query = queries, query_labels, True
-    else:
+    references = None
+    if reference is not None:
         if reference.shape[1] != embeddings.shape[1]:
             raise ReportInputError(
                 f"reference has embedding size {reference.shape[1]}, embeddings "
                 f"{embeddings.shape[1]}"
             )
         references = _unit_rows(reference, device, queries.dtype)
-        ref_labels, ref_includes_query = torch.as_tensor(reference_labels).to(device), False
-    calculator = OPISAccuracyCalculator(
-        far_range=far_range, include=("opis", "eps_opis"), device=device
-    )
-    accuracies = calculator.get_accuracy(
-        queries, query_labels, references, ref_labels, ref_includes_query
-    )
-    # R@1 and MAP@R in bounded memory (pml's k-NN search holds N x max R neighbours)
-    knn, notes = _retrieval_metrics(queries, query_labels, references, ref_labels)
-    accuracies.update(knn)
-    calibration = calibrate_threshold(
+    sets = prepare_sets(
         queries,
-        query_labels,
-        None if reference is None else references,
-        None if reference is None else ref_labels,
-        target_far=target_far,
+        torch.as_tensor(labels).to(device),
+        references,
+        None if reference is None else torch.as_tensor(reference_labels).to(device),
+        names=("embeddings", "labels", "reference", "reference labels"),
     )
+    # OPIS and the calibrated threshold from one guide and one pass over the pairs
+    evaluation = evaluate_sets(sets, far_range=far_range, target_far=target_far)
+    calibration = calibration_report(
+        evaluation.threshold,
+        ("far", float(target_far)),
+        sets.label_values[evaluation.classes.cpu()],
+        evaluation.counts,
+    )
+    result = evaluation.opis
+    # R@1 and MAP@R in bounded memory (pml's k-NN search holds N x max R neighbours)
+    knn, notes = _retrieval_metrics(sets)
+    metrics = {**knn, "opis": result.opis, "eps_opis": result.eps_opis}
     return EmbeddingReport(
-        {name: float(accuracies[name]) for name in REPORT_METRICS},
-        calculator.last_result,
+        {name: float(metrics[name]) for name in REPORT_METRICS},
+        result,
         calibration,
-        len(queries),
-        len(references),
+        len(sets.queries),
+        len(sets.references),
         notes,
     )
 
@@ -156,21 +158,18 @@ def _unit_rows(
     return result
 
 
-def _retrieval_metrics(
-    queries: torch.Tensor,
-    query_labels: torch.Tensor,
-    references: torch.Tensor,
-    ref_labels: torch.Tensor,
-) -> tuple[dict[str, float], list[str]]:
+def _retrieval_metrics(sets: PreparedSets) -> tuple[dict[str, float], list[str]]:
     """R@1 and MAP@R; those that do not fit the memory budget are NaN, with a note."""
-    refs = (None, None) if references is queries else (references, ref_labels)
-    nan = float("nan")
+    refs = (None, None)
+    if not sets.references_are_queries:
+        refs = (sets.references, sets.reference_ids)
+    queries, ids, nan = sets.queries, sets.query_ids, float("nan")
     try:
-        return retrieval_metrics(queries, query_labels, *refs), []
+        return retrieval_metrics(queries, ids, *refs), []
     except RetrievalMemoryError as error:
         note = f"MAP@R skipped: {error}"
     try:
-        values = retrieval_metrics(queries, query_labels, *refs, include=("precision_at_1",))
+        values = retrieval_metrics(queries, ids, *refs, include=("precision_at_1",))
     except RetrievalMemoryError as error:
         return dict.fromkeys(RETRIEVAL_METRICS, nan), [f"R@1, MAP@R skipped: {error}"]
     return {**values, "mean_average_precision_at_r": nan}, [note]
