@@ -473,6 +473,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--figure", type=Path, default=None, help="also copy the figure here (e.g. docs)"
     )
+    parser.add_argument(
+        "--no-frozen-point",
+        action="store_true",
+        help="figure: note the frozen features' values instead of drawing their point",
+    )
     args = parser.parse_args(argv)
     if args.margins is None:
         args.margins = [[0.9, 0.5], [0.8, 0.3]]
@@ -539,7 +544,14 @@ def main(
         print(f"grid: {counts['ran']} runs in {(time.perf_counter() - start) / 60:.1f} min")
     import pretrained_report
 
-    pretrained_report.write_report(spec, configs, out, raw["metrics"], figure_copy=args.figure)
+    pretrained_report.write_report(
+        spec,
+        configs,
+        out,
+        raw["metrics"],
+        figure_copy=args.figure,
+        frozen_point=not args.no_frozen_point,
+    )
     return 0
 
 

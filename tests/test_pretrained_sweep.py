@@ -231,3 +231,16 @@ def test_raw_feature_metrics_match_a_naive_nearest_neighbour(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["raw_feature_metrics"]["test"]["precision_at_1"] == pytest.approx(expected)
     assert set(summary["raw_feature_metrics"]["val"]) == set(ps.METRICS)
+
+
+def test_report_only_rebuilds_the_figure_without_training(
+    tiny_run: tuple[Path, CountingBackbone],
+) -> None:
+    out, backbone = tiny_run
+    figure = out / "pretrained_pareto.png"
+    before = figure.stat().st_mtime_ns
+    runs = {p: p.stat().st_mtime_ns for p in out.glob("*/*.json")}
+    argv = [*TINY, "--out", str(out), "--report-only", "--no-frozen-point"]
+    assert ps.main(argv, (backbone, backbone, "tiny"), synthetic_images()) == 0
+    assert figure.stat().st_mtime_ns > before
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.json")} == runs
