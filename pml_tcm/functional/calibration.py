@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .collectives import all_reduce, global_classes
-from .far_search import far_closeness_thresholds, far_rank, num_negative_pairs
+from .far_search import COLLECT_LIMIT, far_closeness_thresholds, far_rank, num_negative_pairs
 from .streaming import PairStream, ScoreFn, ceil_to_dtype, cosine_similarity_scores
 
 
@@ -162,7 +162,7 @@ def calibrate_closeness_threshold(
             ranks=[far_rank(target_far, num_negatives)],
             num_negatives=num_negatives,
             distributed=distributed,
-            collect_limit=1 << 24,
+            collect_limit=COLLECT_LIMIT,
             retain_limit=0,
             seed=0,
         )

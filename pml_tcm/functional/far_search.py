@@ -45,6 +45,9 @@ GUIDE_BINS = 1 << 16
 PIVOTS = 255
 GUIDE_BUDGET = 1 << 21
 MAX_PASSES = 200
+COLLECT_LIMIT = 1 << 22
+"""Default most negatives collected for an exact threshold (float64 copies of them are
+held: 2^22 keep the search's working set near 100 MB; 2^24 took about 1 GB)."""
 
 
 def ceil_fraction_of(fraction: float, count: int) -> int:

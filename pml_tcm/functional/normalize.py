@@ -35,3 +35,20 @@ def unit_rows(rows: Tensor) -> Tensor:
     """Rows divided by their Euclidean norm, computed in the rows' dtype (zero rows stay
     zero). ``(N, D) -> (N, D)``."""
     return F.normalize(rescale_rows(rows), dim=1)
+
+
+BLOCK_BYTES = 2 << 20
+"""Rows normalised per step by :func:`unit_rows_into` (its temporaries stay this small)."""
+
+
+def unit_rows_into(rows: Tensor, out: Tensor | None = None) -> Tensor:
+    """:func:`unit_rows` of ``rows`` written into ``out`` (``rows`` itself when ``None``:
+    in place) a block of rows at a time, so that no ``(N, D)`` temporary stands beside the
+    result; row for row the same values. ``out``: ``(N, D)``, any device and float dtype
+    (each block is converted to it first). Returns ``out``."""
+    out = rows if out is None else out
+    step = max(1, BLOCK_BYTES // max(1, rows.shape[1] * rows.element_size()))
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step].to(device=out.device, dtype=out.dtype)
+        out[start : start + step] = unit_rows(block)
+    return out

@@ -28,7 +28,13 @@ from torch import Tensor
 from . import validation
 from .collectives import all_reduce, global_classes
 from .counting import grid_histograms
-from .far_search import ceil_fraction_of, far_closeness_thresholds, far_rank, num_negative_pairs
+from .far_search import (
+    COLLECT_LIMIT,
+    ceil_fraction_of,
+    far_closeness_thresholds,
+    far_rank,
+    num_negative_pairs,
+)
 from .prepare import PreparedSets, prepare_sets
 from .streaming import ChunkPairs, PairStream, ScoreFn, cosine_similarity_scores
 
@@ -330,7 +336,7 @@ def opis(
     higher_is_closer: bool = True,
     chunk_size: int | None = None,
     distributed: bool = False,
-    collect_limit: int = 1 << 24,
+    collect_limit: int = COLLECT_LIMIT,
     retain_limit: int = 1 << 27,
     seed: int = 0,
 ) -> OPISResult:
@@ -413,7 +419,7 @@ def opis_of_sets(
     higher_is_closer: bool = True,
     chunk_size: int | None = None,
     distributed: bool = False,
-    collect_limit: int = 1 << 24,
+    collect_limit: int = COLLECT_LIMIT,
     retain_limit: int = 1 << 27,
     seed: int = 0,
 ) -> OPISResult:
@@ -467,7 +473,7 @@ def evaluate_sets(
     higher_is_closer: bool = True,
     chunk_size: int | None = None,
     distributed: bool = False,
-    collect_limit: int = 1 << 24,
+    collect_limit: int = COLLECT_LIMIT,
     retain_limit: int = 1 << 27,
     seed: int = 0,
 ) -> Evaluation:

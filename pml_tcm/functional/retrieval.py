@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import validation
 from .labels import dense_class_ids
-from .normalize import unit_rows
+from .normalize import unit_rows_into
 from .streaming import unit_products
 
 RETRIEVAL_METRICS = ("precision_at_1", "mean_average_precision_at_r")
@@ -120,8 +120,10 @@ def _metrics(
     num_workers: int,
 ) -> dict[str, float]:
     dtype = query.dtype if query.dtype in (torch.float32, torch.float64) else torch.float32
-    queries = unit_rows(query.to(dtype))
-    refs = queries if ref_emb is None else unit_rows(ref_emb.to(dtype))
+    queries = unit_rows_into(query, torch.empty(query.shape, dtype=dtype, device=query.device))
+    refs = queries
+    if ref_emb is not None:
+        refs = unit_rows_into(ref_emb, torch.empty(ref_emb.shape, dtype=dtype, device=query.device))
     query_labels, ref_labels = query_labels.cpu().numpy(), ref_labels.cpu().numpy()
     classes, class_sizes = np.unique(ref_labels, return_counts=True)
     where = np.searchsorted(classes, query_labels).clip(max=len(classes) - 1)

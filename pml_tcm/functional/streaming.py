@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .normalize import unit_rows
+from .normalize import unit_rows, unit_rows_into
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 """``(queries (n, D), references (M, D)) -> scores (n, M)``, floating point."""
@@ -259,7 +259,7 @@ class PairStream:
 
     def _sorted_rows(self, rows: Tensor, order: Tensor) -> Tensor:
         sorted_rows = rows.index_select(0, order)
-        return unit_rows(sorted_rows) if self.cosine else sorted_rows
+        return unit_rows_into(sorted_rows) if self.cosine else sorted_rows  # (our copy)
 
     @property
     def num_references(self) -> int:

@@ -17,15 +17,13 @@ import numpy as np
 import torch
 
 from ..calibration import CalibrationReport, calibration_report
-from ..functional.normalize import unit_rows
+from ..functional.normalize import unit_rows_into
 from ..functional.opis import OPISResult, evaluate_sets
 from ..functional.prepare import PreparedSets, prepare_sets
 from ..functional.retrieval import RETRIEVAL_METRICS, RetrievalMemoryError, retrieval_metrics
 from .inputs import ReportInputError, require_pairs
 
 REPORT_METRICS = ("precision_at_1", "mean_average_precision_at_r", "opis", "eps_opis")
-
-_BLOCK_BYTES = 2 << 20  # rows normalised per step (its few temporaries stay small)
 
 
 @dataclass
@@ -146,16 +144,11 @@ def compute_report(
 def _unit_rows(
     array: np.ndarray, device: torch.device, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """:func:`~pml_tcm.functional.normalize.unit_rows` of ``array`` on ``device``, a block
-    of rows at a time: one ``(N, D)`` result and no ``(N, D)`` temporaries beside it."""
+    """Unit rows of ``array`` on ``device``: one ``(N, D)`` result, no ``(N, D)``
+    temporaries beside it."""
     source = torch.as_tensor(array)
     dtype = source.dtype if dtype is None else dtype
-    result = torch.empty(source.shape, dtype=dtype, device=device)
-    step = max(1, _BLOCK_BYTES // max(1, source.shape[1] * source.element_size()))
-    for start in range(0, source.shape[0], step):
-        block = source[start : start + step].to(device=device, dtype=dtype)
-        result[start : start + step] = unit_rows(block)
-    return result
+    return unit_rows_into(source, torch.empty(source.shape, dtype=dtype, device=device))
 
 
 def _retrieval_metrics(sets: PreparedSets) -> tuple[dict[str, float], list[str]]:
