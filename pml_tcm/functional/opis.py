@@ -407,39 +407,11 @@ def opis(
     )
 
 
-def opis_of_sets(
-    sets: PreparedSets,
-    *,
-    calibration_range: tuple[float, float] | None = None,
-    far_range: tuple[float, float] = (1e-3, 1e-2),
-    num_thresholds: int = 1000,
-    beta: float = 1.0,
-    epsilon: float = 0.1,
-    score_fn: ScoreFn = cosine_similarity_scores,
-    higher_is_closer: bool = True,
-    chunk_size: int | None = None,
-    distributed: bool = False,
-    collect_limit: int = COLLECT_LIMIT,
-    retain_limit: int = 1 << 27,
-    seed: int = 0,
-) -> OPISResult:
+def opis_of_sets(sets: PreparedSets, **settings) -> OPISResult:
     """:func:`opis` of sets already prepared by
-    :func:`~pml_tcm.functional.prepare.prepare_sets` (settings unchecked)."""
-    return evaluate_sets(
-        sets,
-        calibration_range=calibration_range,
-        far_range=far_range,
-        num_thresholds=num_thresholds,
-        beta=beta,
-        epsilon=epsilon,
-        score_fn=score_fn,
-        higher_is_closer=higher_is_closer,
-        chunk_size=chunk_size,
-        distributed=distributed,
-        collect_limit=collect_limit,
-        retain_limit=retain_limit,
-        seed=seed,
-    ).opis
+    :func:`~pml_tcm.functional.prepare.prepare_sets` (settings unchecked; the keywords of
+    :func:`evaluate_sets` other than ``target_far``)."""
+    return evaluate_sets(sets, **settings).opis
 
 
 @dataclass
