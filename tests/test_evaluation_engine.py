@@ -127,3 +127,25 @@ def test_one_pass_evaluation_equals_opis_and_calibration(large, target_far, reta
     false_accepts, false_rejects, negatives, positives = together.counts
     assert torch.equal(false_accepts.double() / negatives, report.class_far)
     assert torch.equal(false_rejects.double() / positives, report.class_frr)
+
+
+def test_report_overwrite_normalises_in_place_with_the_same_numbers():
+    from pml_tcm.report.compute import compute_report
+
+    x, y = imbalanced(n=200, seed=13, big=0.4)
+    array = x.numpy().copy()
+    kept = compute_report(array.copy(), y.numpy())
+    overwritten = compute_report(array, y.numpy(), overwrite=True)
+    assert overwritten.metrics == kept.metrics
+    assert overwritten.calibration.threshold == kept.calibration.threshold
+    norms = np.linalg.norm(array.astype(np.float64), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-6)  # the caller's array, normalised
+
+
+def test_retrieval_on_unit_rows_skips_the_copy_with_the_same_metrics():
+    from pml_tcm.functional import retrieval_metrics
+    from pml_tcm.functional.normalize import unit_rows
+
+    x, y = imbalanced(n=150, seed=14, big=0.3)
+    rows = unit_rows(x)
+    assert retrieval_metrics(rows, y, rows_are_unit=True) == retrieval_metrics(rows, y)

@@ -53,6 +53,8 @@ def retrieval_metrics(
     max_bytes: int = DEFAULT_MAX_BYTES,
     chunk_size: int | None = None,
     num_workers: int | None = None,
+    *,
+    rows_are_unit: bool = False,
 ) -> dict[str, float]:
     """Precision@1 and MAP@R of ``query`` against ``ref_emb`` (see the module docstring).
 
@@ -69,6 +71,9 @@ def retrieval_metrics(
         max_bytes: memory budget of the temporaries (score block on the host, ranking).
         chunk_size: at most this many query rows per chunk (``None``: as the budget allows).
         num_workers: ranking threads (``None``: ``torch.get_num_threads()``).
+        rows_are_unit: the float32/float64 rows are unit rows already (as from
+            :func:`~pml_tcm.functional.normalize.unit_rows`): scored as they are, without
+            a normalised copy of the sets.
 
     Returns:
         ``{metric: value}`` for the metrics in ``include``.
@@ -105,6 +110,7 @@ def retrieval_metrics(
             max_bytes,
             chunk_size,
             num_workers or max(1, torch.get_num_threads()),
+            rows_are_unit,
         )
 
 
@@ -118,12 +124,17 @@ def _metrics(
     max_bytes: int,
     chunk_size: int | None,
     num_workers: int,
+    rows_are_unit: bool = False,
 ) -> dict[str, float]:
     dtype = query.dtype if query.dtype in (torch.float32, torch.float64) else torch.float32
-    queries = unit_rows_into(query, torch.empty(query.shape, dtype=dtype, device=query.device))
-    refs = queries
-    if ref_emb is not None:
-        refs = unit_rows_into(ref_emb, torch.empty(ref_emb.shape, dtype=dtype, device=query.device))
+
+    def unit(rows: Tensor) -> Tensor:
+        if rows_are_unit and rows.dtype == dtype:
+            return rows
+        return unit_rows_into(rows, torch.empty(rows.shape, dtype=dtype, device=query.device))
+
+    queries = unit(query)
+    refs = queries if ref_emb is None else unit(ref_emb)
     query_labels, ref_labels = query_labels.cpu().numpy(), ref_labels.cpu().numpy()
     classes, class_sizes = np.unique(ref_labels, return_counts=True)
     where = np.searchsorted(classes, query_labels).clip(max=len(classes) - 1)

@@ -72,7 +72,7 @@ def report_embeddings(
         ref = load_embeddings(Path(reference), "reference")
         ref_labels = load_labels(Path(reference_labels), "reference labels", len(ref))
     report = compute_report(
-        query, query_labels, ref, ref_labels, far_range, target_far, device=device
+        query, query_labels, ref, ref_labels, far_range, target_far, device=device, overwrite=True
     )
     del query, ref  # the report keeps what it needs
 

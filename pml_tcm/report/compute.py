@@ -81,6 +81,8 @@ def compute_report(
     far_range: tuple[float, float] = (1e-3, 1e-2),
     target_far: float = 1e-3,
     device: str | torch.device = "cpu",
+    *,
+    overwrite: bool = False,
 ) -> EmbeddingReport:
     """The report for in-memory arrays.
 
@@ -97,13 +99,16 @@ def compute_report(
         far_range: ``(far_lo, far_hi)`` of the range OPIS is measured over (fractions).
         target_far: the FAR (a fraction) the threshold is calibrated for.
         device: where to compute.
+        overwrite: normalise ``embeddings`` and ``reference`` in place where they are
+            writable float32/float64 arrays and ``device`` is the CPU (the command line's
+            own loaded arrays): one copy of each set less.
 
     Raises:
         ValueError: bad settings or sets (e.g. a single class: no negative pair).
     """
     require_pairs(labels, reference_labels)
     device = torch.device(device)
-    queries = _unit_rows(embeddings, device)
+    queries = _unit_rows(embeddings, device, overwrite=overwrite)
     references = None
     if reference is not None:
         if reference.shape[1] != embeddings.shape[1]:
@@ -111,7 +116,7 @@ def compute_report(
                 f"reference has embedding size {reference.shape[1]}, embeddings "
                 f"{embeddings.shape[1]}"
             )
-        references = _unit_rows(reference, device, queries.dtype)
+        references = _unit_rows(reference, device, queries.dtype, overwrite=overwrite)
     sets = prepare_sets(
         queries,
         torch.as_tensor(labels).to(device),
@@ -142,12 +147,26 @@ def compute_report(
 
 
 def _unit_rows(
-    array: np.ndarray, device: torch.device, dtype: torch.dtype | None = None
+    array: np.ndarray,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> torch.Tensor:
-    """Unit rows of ``array`` on ``device``: one ``(N, D)`` result, no ``(N, D)``
-    temporaries beside it."""
+    """Unit rows of ``array`` on ``device``: one ``(N, D)`` result (``array`` itself with
+    ``overwrite`` where it can hold them), no ``(N, D)`` temporaries beside it."""
     source = torch.as_tensor(array)
     dtype = source.dtype if dtype is None else dtype
+    in_place = (
+        overwrite
+        and device.type == "cpu"
+        and source.dtype == dtype
+        and dtype in (torch.float32, torch.float64)
+        and isinstance(array, np.ndarray)
+        and array.flags.writeable
+        and array.flags.c_contiguous
+    )
+    if in_place:
+        return unit_rows_into(source)
     return unit_rows_into(source, torch.empty(source.shape, dtype=dtype, device=device))
 
 
@@ -158,11 +177,13 @@ def _retrieval_metrics(sets: PreparedSets) -> tuple[dict[str, float], list[str]]
         refs = (sets.references, sets.reference_ids)
     queries, ids, nan = sets.queries, sets.query_ids, float("nan")
     try:
-        return retrieval_metrics(queries, ids, *refs), []
+        return retrieval_metrics(queries, ids, *refs, rows_are_unit=True), []
     except RetrievalMemoryError as error:
         note = f"MAP@R skipped: {error}"
     try:
-        values = retrieval_metrics(queries, ids, *refs, include=("precision_at_1",))
+        values = retrieval_metrics(
+            queries, ids, *refs, include=("precision_at_1",), rows_are_unit=True
+        )
     except RetrievalMemoryError as error:
         return dict.fromkeys(RETRIEVAL_METRICS, nan), [f"R@1, MAP@R skipped: {error}"]
     return {**values, "mean_average_precision_at_r": nan}, [note]
