@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .collectives import all_gather_values
 from .labels import dense_class_ids
-from .validation import is_integer
+from .validation import check_embeddings_values, is_integer
 
 
 @dataclass
@@ -98,17 +98,11 @@ def prepare_embeddings(value: Any, name: str, *, require_direction: bool = True)
         raise ValueError(f"{name} has embedding size 0")
     embeddings = embeddings.detach()
     embeddings = embeddings.to(evaluation_dtype(embeddings.dtype))
-    finite = torch.isfinite(embeddings).all(dim=1)
-    directed = (embeddings != 0).any(dim=1) if require_direction else finite
-    if not bool((finite & directed).all()):
-        if not bool(finite.all()):
-            row = int((~finite).nonzero()[0, 0])
-            raise ValueError(f"{name} contains NaN or Inf (first at row {row})")
-        row = int((~directed).nonzero()[0, 0])
-        raise ValueError(
-            f"{name} has a zero-norm row (row {row}): it has no direction, so its cosine "
-            "similarity is undefined"
-        )
+    if require_direction:
+        check_embeddings_values(embeddings, name)
+    elif not bool(torch.isfinite(embeddings).all()):
+        row = int((~torch.isfinite(embeddings).all(dim=1)).nonzero()[0, 0])
+        raise ValueError(f"{name} contains NaN or Inf (first at row {row})")
     return embeddings
 
 
@@ -163,46 +157,35 @@ def prepare_sets(
     query_set = prepare_embeddings(queries, q_name, require_direction=require_direction)
     query_labels = _labels(query_labels, ql_name, query_set.shape[0], q_name)
     if references is None:
-        ids, label_values = _class_ids([query_labels], [ql_name], distributed)
-        query_ids = ids[0].to(query_set.device)
-        return PreparedSets(
-            queries=query_set,
-            query_ids=query_ids,
-            references=query_set,
-            reference_ids=query_ids,
-            label_values=label_values.cpu(),
-            self_offset=query_offset,
-            references_are_queries=True,
-        )
-    reference_set = prepare_embeddings(references, r_name, require_direction=require_direction)
-    reference_labels = _labels(reference_labels, rl_name, reference_set.shape[0], r_name)
-    if reference_set.shape[1] != query_set.shape[1]:
-        raise ValueError(
-            f"{r_name} has embedding size {reference_set.shape[1]} but {q_name} has "
-            f"{query_set.shape[1]}"
-        )
-    dtype = torch.promote_types(query_set.dtype, reference_set.dtype)
-    query_set = query_set.to(dtype)
-    reference_set = reference_set.to(device=query_set.device, dtype=dtype)
-    ids, label_values = _class_ids(
-        [query_labels, reference_labels], [ql_name, rl_name], distributed
-    )
+        reference_set, reference_labels, self_offset = query_set, None, query_offset
+    else:
+        reference_set = prepare_embeddings(references, r_name, require_direction=require_direction)
+        reference_labels = _labels(reference_labels, rl_name, reference_set.shape[0], r_name)
+        if reference_set.shape[1] != query_set.shape[1]:
+            raise ValueError(
+                f"{r_name} has embedding size {reference_set.shape[1]} but {q_name} has "
+                f"{query_set.shape[1]}"
+            )
+        dtype = torch.promote_types(query_set.dtype, reference_set.dtype)
+        query_set = query_set.to(dtype)
+        reference_set = reference_set.to(device=query_set.device, dtype=dtype)
+        self_offset = query_offset if ref_includes_query else None
+    label_sets = [query_labels] if reference_labels is None else [query_labels, reference_labels]
+    ids, label_values = _class_ids(label_sets, [ql_name, rl_name][: len(label_sets)], distributed)
     query_ids = ids[0].to(query_set.device)
-    reference_ids = ids[1].to(query_set.device)
-    self_offset = None
-    if ref_includes_query:
+    reference_ids = ids[-1].to(query_set.device)
+    if references is not None and ref_includes_query:
         _check_includes_queries(
             query_set, query_ids, reference_set, reference_ids, query_offset, names
         )
-        self_offset = query_offset
     return PreparedSets(
         queries=query_set,
         query_ids=query_ids,
         references=reference_set,
-        reference_ids=reference_ids,
+        reference_ids=query_ids if references is None else reference_ids,
         label_values=label_values.cpu(),
         self_offset=self_offset,
-        references_are_queries=False,
+        references_are_queries=references is None,
     )
 
 

@@ -105,27 +105,6 @@ def check_weight(value: float, name: str) -> None:
         )
 
 
-def check_evaluation_set(
-    embeddings: Tensor, labels: Tensor, name: str = "embeddings", labels_name: str = "labels"
-) -> None:
-    """A non-empty 2-D float set with finite values and one integer label per row.
-
-    One host-device synchronisation (the finiteness check).
-
-    Raises:
-        ValueError: naming ``name`` or ``labels_name``.
-    """
-    check_embeddings_shape(embeddings, name)
-    if embeddings.shape[0] == 0:
-        raise ValueError(f"{name} is empty (0 rows)")
-    if embeddings.shape[1] == 0:
-        raise ValueError(f"{name} has embedding size 0")
-    check_labels(labels, embeddings.shape[0], labels_name)
-    if not bool(torch.isfinite(embeddings).all()):
-        row = int((~torch.isfinite(embeddings).all(dim=1)).nonzero()[0, 0])
-        raise ValueError(f"{name} contains NaN or Inf (first at row {row})")
-
-
 def check_opis_settings(
     calibration_range: tuple[float, float] | None,
     far_range: tuple[float, float],
