@@ -9,6 +9,7 @@ import torch
 from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity
 from torch import Tensor
 
+from ._rate_text import PERCENT, rate_lines
 from ._scores import needs_direction, score_function
 from ._sharding import check_shard_queries, data_fingerprint, query_shard
 from .functional import validation
@@ -140,49 +141,11 @@ class CalibrationReport:
     confidence: float | None = None
 
     def summary(self) -> str:
-        """A few readable lines."""
-        kind, value = self.target
-        level = "" if self.confidence is None else f"{self.confidence:.0%} "
-        lines = [
-            f"threshold {self.threshold:.6g} for target {kind.upper()} {value:.10g}",
-            f"pooled: FAR {self.far:.4%}{_shown(self.far_interval, level)}  "
-            f"FRR {self.frr:.4%}{_shown(self.frr_interval, level)}",
-        ]
-        for name, worst_class, worst, spread, pct in (
-            ("FAR", self.worst_far_class, self.worst_far, self.far_spread, self.far_percentiles),
-            ("FRR", self.worst_frr_class, self.worst_frr, self.frr_spread, self.frr_percentiles),
-        ):
-            if worst_class is None:
-                lines.append(f"per class {name}: no class has such pairs")
-                continue
-            shown = "  ".join(f"p{p} {v:.4%}" for p, v in pct.items())
-            lines.append(
-                f"per class {name}: worst {worst:.4%} (class {worst_class}), "
-                f"spread {spread:.4%}; {shown}"
-            )
-        if self.groups is not None:
-            rates = self.groups
-            for name, worst_group, worst, best, ratio in (
-                ("FAR", rates.worst_far_group, rates.worst_far, rates.best_far, rates.far_ratio),
-                ("FRR", rates.worst_frr_group, rates.worst_frr, rates.best_frr, rates.frr_ratio),
-            ):
-                if worst_group is None:
-                    lines.append(f"per group {name}: no group has such pairs")
-                    continue
-                lines.append(
-                    f"per group {name}: worst {worst:.4%} (group {worst_group}), best "
-                    f"{best:.4%}, worst/best {ratio:.3g}"
-                )
-        return "\n".join(lines)
+        """A few readable lines (rates in percent)."""
+        return "\n".join(rate_lines(self, PERCENT))
 
     def __str__(self) -> str:
         return self.summary()
-
-
-def _shown(interval: tuple[float, float] | None, level: str) -> str:
-    if interval is None or not all(math.isfinite(v) for v in interval):
-        return ""
-    return f" ({level}interval {interval[0]:.4%} to {interval[1]:.4%})"
 
 
 def _label(value: Tensor) -> int | float | bool | tuple:

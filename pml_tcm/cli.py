@@ -238,15 +238,17 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
             "Evaluate embeddings saved from any model (.npy). Without --reference the "
             "embeddings are their own reference set (self pairs excluded). Prints the "
             "report with a reading of its numbers and writes report.md, report.json and "
-            "(with matplotlib) utility_curves.png to --out, as one set. Rates are fractions "
-            "(1e-3 is 0.1%)."
+            "(with matplotlib) utility_curves.png to --out, as one set; with --groups also "
+            "per-group FAR and FRR at the threshold and group_rates.png. OPIS, eps-OPIS, "
+            "FAR and FRR come with bootstrap intervals. Rates are fractions (1e-3 is 0.1%)."
         ),
         epilog=(
             "examples:\n"
             "  pml-tcm report embeddings.npy labels.npy\n"
             "  pml-tcm report embeddings.npy labels.npy --target-far 1e-4 --out my_report\n"
             "  pml-tcm report queries.npy query_labels.npy \\\n"
-            "      --reference gallery.npy --reference-labels gallery_labels.npy --worst 10"
+            "      --reference gallery.npy --reference-labels gallery_labels.npy --worst 10\n"
+            "  pml-tcm report embeddings.npy labels.npy --groups customers.npy"
         ),
         formatter_class=HelpFormatter,
     )
@@ -273,7 +275,30 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
         default=1e-3,
         help="target FAR of the calibrated threshold, a fraction in (0, 1]",
     )
-    report.add_argument("--worst", type=int, default=5, help="how many worst classes to list")
+    report.add_argument(
+        "--groups",
+        type=Path,
+        default=None,
+        help="(N,) .npy group id per embedding (e.g. the customer): per-group FAR and FRR "
+        "at the threshold, the worst group, worst/best ratios, group OPIS (default: none, "
+        "per-class rates only)",
+    )
+    report.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="bootstrap resamples for the intervals on OPIS, eps-OPIS, FAR and FRR "
+        "(0: no intervals)",
+    )
+    report.add_argument(
+        "--confidence",
+        type=float,
+        default=0.95,
+        help="level of the intervals, in (0, 1)",
+    )
+    report.add_argument(
+        "--worst", type=int, default=5, help="how many worst classes (and groups) to list"
+    )
     report.add_argument(
         "--out", type=Path, default=Path("report_out"), help="folder for the report files"
     )
@@ -310,6 +335,9 @@ def _run_report(args: argparse.Namespace) -> int:
             worst=args.worst,
             out=args.out,
             device=_resolve_device(args.device),
+            groups=args.groups,
+            bootstrap=args.bootstrap,
+            confidence=args.confidence,
         )
     except ReportInputError as error:
         raise InputError(str(error)) from error

@@ -1,24 +1,30 @@
-"""Utility-vs-threshold figure of an OPIS result (matplotlib is an optional extra)."""
+"""Figures of OPIS results and calibrated thresholds (matplotlib is an optional extra):
+:func:`plot_utility_curves` (utility vs threshold per class) and
+:func:`plot_group_rates` (per-group FAR and FRR at one threshold)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._rate_text import fraction_and_percent, level_text
 from .functional.opis import OPISResult
+
+if TYPE_CHECKING:
+    from .calibration import CalibrationReport
 
 INSTALL_HINT = "pip install 'pml-tcm[examples]' (from a checkout: pip install '.[examples]')"
 """How to get matplotlib, the figures' one optional dependency (the ``examples`` extra;
 ``plot`` holds matplotlib alone)."""
 
 
-def _pyplot_free_figure():
+def _pyplot_free_figure(caller: str = "plot_utility_curves"):
     try:
         from matplotlib.figure import Figure
     except ImportError as error:
-        raise ImportError(f"plot_utility_curves needs matplotlib: {INSTALL_HINT}") from error
+        raise ImportError(f"{caller} needs matplotlib: {INSTALL_HINT}") from error
     return Figure
 
 
@@ -207,3 +213,208 @@ def _class_name(label: int, class_names: Mapping[int, str] | Sequence[str] | Non
         return str(class_names[label])
     except (KeyError, IndexError):
         return f"class {label}"
+
+
+def plot_group_rates(
+    report: CalibrationReport,
+    axes: Sequence[Any] | None = None,
+    *,
+    label_worst: int = 5,
+    max_labelled: int = 20,
+    group_names: Mapping[Any, str] | None = None,
+    title: str | None = None,
+) -> Any:
+    """Each group's FAR and FRR at the report's threshold, with their intervals.
+
+    Two panels, FAR on top and FRR below. In each the groups that have such pairs are
+    sorted by the rate, worst on the left, one point a group with its bootstrap interval
+    as an error bar (when the report has intervals); the pooled rate is a black line
+    (its interval a grey band). Up to ``max_labelled`` groups every group is named on
+    the x-axis; beyond it the axis is the rank, the ``label_worst`` worst groups are red
+    and named in the legend (so 200 groups stay readable). The right axis reads the rate
+    in percent.
+
+    Args:
+        report: a :class:`~pml_tcm.calibration.CalibrationReport` with groups
+            (:func:`~pml_tcm.calibrate_threshold` with ``groups=``).
+        axes: two matplotlib Axes (FAR, FRR) to draw on, or ``None`` for a new figure.
+        label_worst: with more than ``max_labelled`` groups, how many of the worst are
+            named and coloured.
+        max_labelled: up to this many groups every group is named.
+        group_names: display names keyed by group id; default ``"group <id>"``.
+        title: the figure's title (default: the threshold and its target).
+
+    Returns:
+        The matplotlib ``Figure``. Each panel holds one point per group with such pairs
+        (``ax.lines[0]`` the points, in the drawn order), the pooled line (label
+        ``"pooled ..."``).
+
+    Raises:
+        ValueError: ``report`` has no groups.
+        ImportError: matplotlib is not installed.
+    """
+    rates = report.groups
+    if rates is None:
+        raise ValueError(
+            "plot_group_rates: the report has no groups (calibrate_threshold(..., groups=...))"
+        )
+    if axes is None:
+        figure = _pyplot_free_figure("plot_group_rates")(figsize=(8.4, 6.4), layout="constrained")
+        axes = figure.subplots(2, 1)
+    else:
+        _pyplot_free_figure("plot_group_rates")
+        if len(axes) != 2:
+            raise ValueError(f"plot_group_rates: axes must be two Axes, got {len(axes)}")
+        figure = axes[0].figure
+    level = level_text(report.confidence)
+    for ax, name, values, valid, intervals, pooled, pooled_interval, ratio in (
+        (
+            axes[0],
+            "FAR",
+            rates.far,
+            rates.has_negatives,
+            rates.far_interval,
+            report.far,
+            report.far_interval,
+            rates.far_ratio,
+        ),
+        (
+            axes[1],
+            "FRR",
+            rates.frr,
+            rates.has_positives,
+            rates.frr_interval,
+            report.frr,
+            report.frr_interval,
+            rates.frr_ratio,
+        ),
+    ):
+        _draw_group_panel(
+            ax,
+            name,
+            rates.groups,
+            values,
+            valid,
+            intervals,
+            pooled,
+            pooled_interval,
+            ratio,
+            level,
+            label_worst=label_worst,
+            max_labelled=max_labelled,
+            group_names=group_names,
+        )
+    kind, target = report.target
+    if title is None:
+        title = (
+            f"Per-group FAR and FRR at the threshold {report.threshold:.4g} (target "
+            f"{kind.upper()} {fraction_and_percent(target)})"
+            + (f"; bars: {level}bootstrap intervals" if report.confidence is not None else "")
+        )
+    figure.suptitle(title, fontsize=9)
+    return figure
+
+
+def _draw_group_panel(
+    ax: Any,
+    name: str,
+    groups: torch.Tensor,
+    values: torch.Tensor,
+    valid: torch.Tensor,
+    intervals: torch.Tensor | None,
+    pooled: float,
+    pooled_interval: tuple[float, float] | None,
+    ratio: float,
+    level: str,
+    *,
+    label_worst: int,
+    max_labelled: int,
+    group_names: Mapping[Any, str] | None,
+) -> None:
+    """One panel of :func:`plot_group_rates`: the groups with such pairs, worst first."""
+    import numpy as np
+
+    kept = valid.nonzero().squeeze(1)
+    rate = values[kept].numpy()
+    order = np.argsort(-rate, kind="stable")
+    rate = rate[order]
+    labels = [groups[int(kept[i])].item() for i in order]
+    x = np.arange(len(rate))
+    many = len(rate) > max_labelled
+    small = len(rate) > 60
+    if intervals is not None and len(rate):
+        bounds = intervals[kept].numpy()[order]
+        lower = np.clip(rate - bounds[:, 0], 0, None)
+        upper = np.clip(bounds[:, 1] - rate, 0, None)
+        ax.errorbar(
+            x,
+            rate,
+            yerr=np.nan_to_num(np.stack([lower, upper])),
+            fmt="none",
+            ecolor="0.55",
+            elinewidth=0.6 if small else 1.0,
+            capsize=0 if small else 3,
+            zorder=2,
+        )
+    ax.plot(
+        x,
+        rate,
+        linestyle="none",
+        marker="o",
+        markersize=2.5 if small else 5,
+        color="tab:blue",
+        label=f"group {name}" + (f" ({level}interval)" if intervals is not None else ""),
+        zorder=3,
+    )
+    if many and len(rate):
+        import textwrap
+
+        worst = min(label_worst, len(rate))
+        names = ", ".join(_group_name(label, group_names) for label in labels[:worst])
+        ax.plot(
+            x[:worst],
+            rate[:worst],
+            linestyle="none",
+            marker="o",
+            markersize=4 if small else 6,
+            color="tab:red",
+            label=textwrap.fill(f"worst {worst}, left to right: {names}", 44),
+            zorder=4,
+        )
+    if pooled_interval is not None:
+        ax.axhspan(
+            *pooled_interval,
+            color="0.85",
+            zorder=0,
+            linewidth=0,
+            label=f"pooled {name}: {level}interval",
+        )
+    ax.axhline(
+        pooled,
+        color="black",
+        linewidth=1.2,
+        label=f"pooled {name} {fraction_and_percent(pooled)}",
+        zorder=1,
+    )
+    if many:
+        ax.set_xlabel(f"{len(rate)} groups, sorted by {name} (rank; worst on the left)")
+    else:
+        ax.set_xticks(x, [_group_name(label, group_names) for label in labels])
+        if len(rate) > 6:
+            ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+        ax.set_xlabel(f"groups, sorted by {name} (worst on the left)")
+    if len(rate):
+        ax.set_xlim(-0.6 if not many else -0.02 * len(rate), len(rate) - 0.4)
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel(f"{name} (fraction)")
+    secondary = ax.secondary_yaxis("right", functions=(lambda v: 100 * v, lambda v: v / 100))
+    secondary.set_ylabel("%")
+    shown = "unbounded" if ratio == float("inf") else f"{ratio:.3g}x"
+    ax.set_title(f"{name} per group: worst/best {shown}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right", framealpha=0.85, edgecolor="none")
+
+
+def _group_name(group: Any, group_names: Mapping[Any, str] | None) -> str:
+    if group_names is not None and group in group_names:
+        return str(group_names[group])
+    return f"group {group}"

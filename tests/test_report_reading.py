@@ -77,7 +77,8 @@ def test_rates_are_fractions_with_their_percentage_and_a_high_frr_is_flagged(tmp
     threshold = document["calibration"]["threshold"]  # at full precision
     far, frr = _pair_rates(sims, y, threshold)
     assert "for target FAR 0.001 (0.1%)" in printed
-    pooled = re.search(r"pooled: FAR (\S+) \((\S+)%\)  FRR (\S+) \((\S+)%\)", printed)
+    # each rate may be followed by its interval: "(95% interval lo .. hi (lo% .. hi%))"
+    pooled = re.search(r"pooled: FAR (\S+) \((\S+)%\).*?  FRR (\S+) \((\S+)%\)", printed)
     shown_far, far_percent, shown_frr, frr_percent = map(float, pooled.groups())
     # float32 scores: a pair or two tied with the threshold may fall either way
     negatives = (y[:, None] != y[None, :]).sum()

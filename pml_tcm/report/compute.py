@@ -11,19 +11,54 @@ Embeddings are L2-normalised first, as pml's testers do, so every number is cosi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..calibration import CalibrationReport, calibration_report
+from ..functional.bootstrap import check_bootstrap_settings
 from ..functional.normalize import unit_rows_into
-from ..functional.opis import OPISResult, evaluate_sets
+from ..functional.opis import OPISResult, evaluate_sets, opis_of_sets
 from ..functional.prepare import PreparedSets, prepare_sets
 from ..functional.retrieval import RETRIEVAL_METRICS, RetrievalMemoryError, retrieval_metrics
 from .inputs import ReportInputError, require_pairs
 
 REPORT_METRICS = ("precision_at_1", "mean_average_precision_at_r", "opis", "eps_opis")
+GROUP_METRICS = ("group_opis", "group_eps_opis")
+"""The metrics added with ``groups``: OPIS and ε-OPIS over the groups instead of the
+classes (:data:`REPORT_METRICS`' ``opis`` and ``eps_opis`` stay the class values)."""
+BOOTSTRAP = 1000
+"""Default bootstrap replicates of the report's intervals."""
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    """One group's FAR and FRR at the calibrated threshold.
+
+    Attributes:
+        group: the group id as given.
+        far: its FAR (NaN when it has no negative pair).
+        frr: its FRR (NaN when it has no positive pair).
+        far_interval: ``(lo, hi)`` of its FAR, ``None`` without bootstrap.
+        frr_interval: the same for FRR.
+        false_accepts: its negative pairs at or above the threshold.
+        negatives: its negative pairs.
+        false_rejects: its positive pairs below the threshold.
+        positives: its positive pairs.
+    """
+
+    group: Any
+    far: float
+    frr: float
+    far_interval: tuple[float, float] | None
+    frr_interval: tuple[float, float] | None
+    false_accepts: int
+    negatives: int
+    false_rejects: int
+    positives: int
 
 
 @dataclass
@@ -31,13 +66,17 @@ class EmbeddingReport:
     """Everything ``pml-tcm report`` computes.
 
     Attributes:
-        metrics: :data:`REPORT_METRICS` values.
-        opis_result: the OPIS result (per-class utility curves).
-        calibration: the threshold for the target FAR and its per-class FAR/FRR.
+        metrics: :data:`REPORT_METRICS` values, and :data:`GROUP_METRICS` with groups.
+        opis_result: the class OPIS result (per-class utility curves; ``by == "class"``).
+        calibration: the threshold for the target FAR, its pooled and per-class FAR/FRR
+            and, with groups, its per-group FAR/FRR (``calibration.groups``); with
+            intervals unless the bootstrap is off.
         num_queries: number of query embeddings.
         num_references: number of reference embeddings (the queries when no reference
             set is given).
         notes: one line per metric skipped (NaN in ``metrics``) and why.
+        group_result: the group OPIS result (``by == "group"``), ``None`` without groups.
+        bootstrap: the replicates behind the intervals (``0``: no intervals).
     """
 
     metrics: dict[str, float]
@@ -46,6 +85,26 @@ class EmbeddingReport:
     num_queries: int
     num_references: int
     notes: list[str] = field(default_factory=list)
+    group_result: OPISResult | None = None
+    bootstrap: int = 0
+
+    @property
+    def confidence(self) -> float | None:
+        """The level of the intervals (``None`` without them)."""
+        return self.calibration.confidence
+
+    def intervals(self) -> dict[str, tuple[float, float]]:
+        """The bootstrap interval of each metric that has one (``opis``, ``eps_opis``
+        and, with groups, ``group_opis``, ``group_eps_opis``); empty without bootstrap."""
+        found = {}
+        for prefix, result in (("", self.opis_result), ("group_", self.group_result)):
+            if result is None:
+                continue
+            for name in ("opis", "eps_opis"):
+                interval = getattr(result, f"{name}_interval")
+                if interval is not None:
+                    found[prefix + name] = interval
+        return found
 
     def worst_classes(self, count: int) -> list[tuple[int | float, float, float, float]]:
         """``(label, mean utility, FAR, FRR)`` of the ``count`` classes with the lowest
@@ -67,6 +126,45 @@ class EmbeddingReport:
             rows.append((label, float(result.mean_class_utility[index]), far, frr))
         return rows
 
+    def group_rows(self) -> list[GroupRow]:
+        """Every group's rates at the threshold, in ascending group order (empty without
+        groups)."""
+        rates = self.calibration.groups
+        if rates is None:
+            return []
+        nan = float("nan")
+        rows = []
+        for index, group in enumerate(rates.groups.tolist()):
+            intervals = []
+            for interval, valid in (
+                (rates.far_interval, rates.has_negatives),
+                (rates.frr_interval, rates.has_positives),
+            ):
+                pair = None
+                if interval is not None:
+                    pair = tuple(map(float, interval[index])) if valid[index] else (nan, nan)
+                intervals.append(pair)
+            rows.append(
+                GroupRow(
+                    group=group,
+                    far=float(rates.far[index]) if rates.has_negatives[index] else nan,
+                    frr=float(rates.frr[index]) if rates.has_positives[index] else nan,
+                    far_interval=intervals[0],
+                    frr_interval=intervals[1],
+                    false_accepts=int(rates.false_accepts[index]),
+                    negatives=int(rates.negatives[index]),
+                    false_rejects=int(rates.false_rejects[index]),
+                    positives=int(rates.positives[index]),
+                )
+            )
+        return rows
+
+    def worst_groups(self, count: int, rate: str) -> list[GroupRow]:
+        """The ``count`` groups with the highest ``rate`` (``"far"`` or ``"frr"``), worst
+        first (ties in group order); groups without such pairs are never among them."""
+        rows = [row for row in self.group_rows() if math.isfinite(getattr(row, rate))]
+        return sorted(rows, key=lambda row: -getattr(row, rate))[:count]
+
     def excluded_classes(self) -> list[int | float]:
         """Labels of the classes without a positive pair (left out of OPIS)."""
         result = self.opis_result
@@ -82,6 +180,10 @@ def compute_report(
     target_far: float = 1e-3,
     device: str | torch.device = "cpu",
     *,
+    groups: np.ndarray | None = None,
+    bootstrap: int = BOOTSTRAP,
+    confidence: float = 0.95,
+    seed: int = 0,
     overwrite: bool = False,
 ) -> EmbeddingReport:
     """The report for in-memory arrays.
@@ -91,6 +193,11 @@ def compute_report(
     MAP@R rank on the host and are skipped (NaN, with a note) when one query's ranking
     does not fit their memory budget.
 
+    With ``groups`` the one pass gives the group OPIS and the threshold's per-query
+    counts (so per-class and per-group FAR/FRR); the class OPIS then takes a second
+    counting pass over the pairs on the same grid (no FAR search: the calibration range
+    is the one already found).
+
     Args:
         embeddings: ``(N, D)`` float queries.
         labels: ``(N,)`` their class labels.
@@ -99,13 +206,21 @@ def compute_report(
         far_range: ``(far_lo, far_hi)`` of the range OPIS is measured over (fractions).
         target_far: the FAR (a fraction) the threshold is calibrated for.
         device: where to compute.
+        groups: ``(N,)`` a group id per query (e.g. the customer), at least two
+            groups, or ``None``.
+        bootstrap: replicates of the percentile intervals on OPIS, ε-OPIS and the
+            FAR/FRR at the threshold (``0``: none).
+        confidence: the intervals' level in (0, 1).
+        seed: the bootstrap's seed (and of the FAR search's random guide).
         overwrite: normalise ``embeddings`` and ``reference`` in place where they are
             writable float32/float64 arrays and ``device`` is the CPU (the command line's
             own loaded arrays): one copy of each set less.
 
     Raises:
-        ValueError: bad settings or sets (e.g. a single class: no negative pair).
+        ValueError: bad settings or sets (e.g. a single class: no negative pair, or a
+            single group).
     """
+    check_bootstrap_settings(bootstrap, confidence, seed)
     require_pairs(labels, reference_labels)
     device = torch.device(device)
     queries = _unit_rows(embeddings, device, overwrite=overwrite)
@@ -122,27 +237,44 @@ def compute_report(
         torch.as_tensor(labels).to(device),
         references,
         None if reference is None else torch.as_tensor(reference_labels).to(device),
+        groups=None if groups is None else torch.as_tensor(groups),
         names=("embeddings", "labels", "reference", "reference labels"),
     )
-    # OPIS and the calibrated threshold from one guide and one pass over the pairs
-    evaluation = evaluate_sets(sets, far_range=far_range, target_far=target_far)
+    intervals = {"bootstrap": bootstrap, "confidence": confidence, "seed": seed}
+    # OPIS (over the groups, with groups) and the calibrated threshold from one guide and
+    # one pass over the pairs
+    evaluation = evaluate_sets(sets, far_range=far_range, target_far=target_far, **intervals)
     calibration = calibration_report(
         evaluation.threshold,
         ("far", float(target_far)),
         sets.label_values[evaluation.classes.cpu()],
         evaluation.errors,
+        group_values=sets.group_values,
+        **intervals,
     )
-    result = evaluation.opis
+    result, group_result = evaluation.opis, None
+    if sets.query_groups is not None:
+        group_result = result
+        by_class = replace(sets, query_groups=None, group_values=None)
+        result = opis_of_sets(
+            by_class, calibration_range=group_result.calibration_range, **intervals
+        )
     # R@1 and MAP@R in bounded memory (pml's k-NN search holds N x max R neighbours)
     knn, notes = _retrieval_metrics(sets)
     metrics = {**knn, "opis": result.opis, "eps_opis": result.eps_opis}
+    names = REPORT_METRICS
+    if group_result is not None:
+        metrics.update(group_opis=group_result.opis, group_eps_opis=group_result.eps_opis)
+        names += GROUP_METRICS
     return EmbeddingReport(
-        {name: float(metrics[name]) for name in REPORT_METRICS},
+        {name: float(metrics[name]) for name in names},
         result,
         calibration,
         len(sets.queries),
         len(sets.references),
         notes,
+        group_result,
+        bootstrap,
     )
 
 

@@ -51,7 +51,12 @@ class InputFile:
 
 
 def check_settings(
-    far_range: Any, target_far: Any, worst: Any, device: Any = "cpu"
+    far_range: Any,
+    target_far: Any,
+    worst: Any,
+    device: Any = "cpu",
+    bootstrap: Any = 0,
+    confidence: Any = 0.95,
 ) -> tuple[tuple[float, float], float]:
     """The report's settings, checked before anything is loaded.
 
@@ -63,7 +68,8 @@ def check_settings(
     Raises:
         ReportInputError: naming the option: ``--far-range`` not two fractions
             ``0 < LO <= HI <= 1``, ``--target-far`` outside (0, 1], ``--worst`` not a
-            positive integer, an unknown ``--device``.
+            positive integer, an unknown ``--device``, ``--bootstrap`` not 0 or an
+            integer >= 2, ``--confidence`` outside (0, 1).
     """
     if not isinstance(far_range, (tuple, list)) or len(far_range) != 2:
         raise ReportInputError(f"--far-range takes two FARs LO HI, got {far_range!r}")
@@ -83,6 +89,20 @@ def check_settings(
         raise ReportInputError(f"--worst must be a positive integer, got {worst!r}")
     if str(device).split(":")[0] not in DEVICES:
         raise ReportInputError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if (
+        isinstance(bootstrap, bool)
+        or not isinstance(bootstrap, numbers.Integral)
+        or bootstrap < 0
+        or bootstrap == 1
+    ):
+        raise ReportInputError(
+            f"--bootstrap takes 0 (no intervals) or at least 2 replicates, got {bootstrap!r}"
+        )
+    level = _fraction(confidence, "--confidence")
+    if not 0 < level < 1:
+        raise ReportInputError(
+            f"--confidence must be a level in (0, 1) (0.95 for 95 % intervals), got {level:g}"
+        )
     return (low, high), target
 
 
@@ -162,6 +182,28 @@ def load_labels(path: Path, what: str, expected: int) -> np.ndarray:
         ReportInputError: missing/unreadable file, wrong shape or length, not numbers,
             NaN.
     """
+    return _load_ids(path, what, expected, "class labels", "labels")
+
+
+def load_groups(path: Path, expected: int) -> np.ndarray:
+    """An ``(expected,)`` array of group ids (one per query) from a ``.npy`` file,
+    checked as labels are (:func:`load_labels`), with at least two distinct groups.
+
+    Raises:
+        ReportInputError: as :func:`load_labels`, or a single group.
+    """
+    array = _load_ids(path, "groups", expected, "group ids", "group ids")
+    distinct = np.unique(array)
+    if len(distinct) < 2:
+        raise ReportInputError(
+            f"groups {path}: every query is in one group ({distinct[0].item()!r}); give at least "
+            "two groups (without --groups the rates are per class)"
+        )
+    return array
+
+
+def _load_ids(path: Path, what: str, expected: int, kind: str, counted: str) -> np.ndarray:
+    """A 1-D array of ``expected`` ids (labels or groups) of any real dtype, no NaN."""
     array = _map_npy(path, what)
     if array.ndim == 2 and array.shape[1] == 1:
         array = array[:, 0]
@@ -169,12 +211,11 @@ def load_labels(path: Path, what: str, expected: int) -> np.ndarray:
         raise ReportInputError(f"{what} {path} must be a 1-D array, got shape {array.shape}")
     if array.dtype.kind not in "biuf":
         raise ReportInputError(
-            f"{what} {path} must hold class labels (integers, bools or floats), got dtype "
-            f"{array.dtype}"
+            f"{what} {path} must hold {kind} (integers, bools or floats), got dtype {array.dtype}"
         )
     if array.shape[0] != expected:
         raise ReportInputError(
-            f"{what} {path} has {array.shape[0]} labels but there are {expected} embeddings"
+            f"{what} {path} has {array.shape[0]} {counted} but there are {expected} embeddings"
         )
     array = _read(array, path, what, array.dtype)
     if array.dtype.kind == "f" and np.isnan(array).any():

@@ -16,13 +16,16 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._rate_text import FRACTION, fraction_range, level_text, rate_lines
+from .._rate_text import fraction_and_percent as rate
 from ..functional.far_search import ceil_fraction_of
 from ..functional.opis import grid_mean
 from ..provenance import Provenance
-from .compute import EmbeddingReport
+from .compute import EmbeddingReport, GroupRow
 from .inputs import InputFile
 
 FIGURE_NAME = "utility_curves.png"
+GROUP_FIGURE_NAME = "group_rates.png"
 MAX_HIGHLIGHTED = 10  # the figure singles out at most this many of the worst classes
 HIGH_FRR = 0.5  # a pooled FRR above this at the calibrated threshold is flagged
 
@@ -32,7 +35,52 @@ METRIC_ROWS = (
     ("opis", "OPIS", ".4g", "lower is better: one threshold fits the classes more evenly"),
     ("eps_opis", "ε-OPIS", ".4g", "lower is better: the worst classes are less far off"),
 )
+GROUP_METRIC_ROWS = (
+    (
+        "group_opis",
+        "group OPIS",
+        ".4g",
+        "OPIS over the groups: lower is better: one threshold fits the groups more evenly",
+    ),
+    (
+        "group_eps_opis",
+        "group ε-OPIS",
+        ".4g",
+        "ε-OPIS over the groups: lower is better: the worst groups are less far off",
+    ),
+)
 WORST_HEADER = ("class", "mean utility", "FAR", "FRR")
+GROUP_HEADER = ("group", "FAR", "FAR interval", "FRR", "FRR interval", "negatives", "positives")
+
+
+@dataclass(frozen=True)
+class GroupReading:
+    """What the per-group rates at the threshold mean.
+
+    Attributes:
+        num_groups: the groups.
+        without_negatives: groups without a negative pair (no FAR).
+        without_positives: groups without a positive pair (no FRR).
+        far_above_pooled: groups whose FAR interval lies wholly above the pooled FAR
+            (``None`` without intervals).
+        frr_above_pooled: the same for FRR.
+        far_verdict: ``"distinguishable"`` when the worst group's FAR interval lies above
+            the best group's, ``"within the intervals"`` when they overlap, ``None``
+            without intervals or without two groups with a FAR.
+        frr_verdict: the same for FRR.
+        best_far_group: the group with the lowest FAR (``None`` if none has one).
+        best_frr_group: the group with the lowest FRR.
+    """
+
+    num_groups: int
+    without_negatives: int
+    without_positives: int
+    far_above_pooled: int | None
+    frr_above_pooled: int | None
+    far_verdict: str | None
+    frr_verdict: str | None
+    best_far_group: Any
+    best_frr_group: Any
 
 
 @dataclass(frozen=True)
@@ -52,6 +100,7 @@ class Reading:
         far_band: ``(p5, p95)`` of the per-class FAR at the threshold.
         frr_band: ``(p5, p95)`` of the per-class FRR.
         warnings: one line each.
+        groups: the :class:`GroupReading`, ``None`` without groups.
     """
 
     mean_pooled_utility: float
@@ -64,6 +113,7 @@ class Reading:
     far_band: tuple[float, float]
     frr_band: tuple[float, float]
     warnings: list[str] = field(default_factory=list)
+    groups: GroupReading | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +126,8 @@ class ReportRecord:
         provenance: versions, time and run id.
         figure: the figure's file name, or ``None`` when it is not drawn.
         figure_note: why there is no figure (one line), or ``None``.
+        group_figure: the group figure's file name, or ``None`` when it is not drawn
+            (no groups, or no matplotlib).
     """
 
     inputs: list[InputFile]
@@ -83,6 +135,7 @@ class ReportRecord:
     provenance: Provenance
     figure: str | None = FIGURE_NAME
     figure_note: str | None = None
+    group_figure: str | None = None
 
 
 def read(report: EmbeddingReport) -> Reading:
@@ -121,14 +174,46 @@ def read(report: EmbeddingReport) -> Reading:
         far_band=(far[5], far[95]),
         frr_band=(frr[5], frr[95]),
         warnings=warnings,
+        groups=_read_groups(report),
     )
 
 
-def rate(value: float) -> str:
-    """A rate as the fraction the user types and its percentage: ``0.001 (0.1%)``."""
-    if not math.isfinite(value):
-        return "n/a"
-    return f"{value:.4g} ({100 * value:.4g}%)"
+def _read_groups(report: EmbeddingReport) -> GroupReading | None:
+    calibration = report.calibration
+    if calibration.groups is None:
+        return None
+    rows = report.group_rows()
+    found: dict[str, Any] = {}
+    for name, pooled in (("far", calibration.far), ("frr", calibration.frr)):
+        ranked = report.worst_groups(len(rows), name)
+        found[f"best_{name}_group"] = ranked[-1].group if ranked else None
+        intervals = [getattr(row, f"{name}_interval") for row in ranked]
+        if not ranked or intervals[0] is None:
+            found[f"{name}_above_pooled"] = found[f"{name}_verdict"] = None
+            continue
+        found[f"{name}_above_pooled"] = sum(1 for lo, _ in intervals if lo > pooled)
+        verdict = None
+        if len(ranked) >= 2:
+            verdict = (
+                "distinguishable" if intervals[0][0] > intervals[-1][1] else "within the intervals"
+            )
+        found[f"{name}_verdict"] = verdict
+    return GroupReading(
+        num_groups=len(rows),
+        without_negatives=sum(1 for row in rows if not math.isfinite(row.far)),
+        without_positives=sum(1 for row in rows if not math.isfinite(row.frr)),
+        **found,
+    )
+
+
+def _with_interval(value: float, spec: str, interval: Any, confidence: float | None) -> str:
+    """``value`` and, when there is one, its interval: ``0.0123 (95% interval 0.01 ..
+    0.015)``."""
+    shown = format(value, spec)
+    if interval is None or not all(math.isfinite(v) for v in interval):
+        return shown
+    lo, hi = interval
+    return f"{shown} ({level_text(confidence)}interval {lo:{spec}} .. {hi:{spec}})"
 
 
 def worst_row(row: tuple[Any, float, float, float]) -> str:
@@ -180,39 +265,128 @@ def reading_lines(report: EmbeddingReport, reading: Reading) -> list[str]:
 
 
 def calibration_lines(report: EmbeddingReport) -> list[str]:
-    """The threshold, the pooled FAR/FRR and the per-class spread."""
-    calibration = report.calibration
-    kind, target = calibration.target
+    """The threshold, the pooled FAR/FRR with their intervals, the per-class spread and,
+    with groups, the worst and best group (the lines of
+    :meth:`pml_tcm.CalibrationReport.summary`, written as fractions)."""
+    return rate_lines(report.calibration, FRACTION)
+
+
+def group_lines(report: EmbeddingReport, reading: Reading) -> list[str]:
+    """The groups in plain words, one paragraph a line: how far apart their rates are at
+    the threshold, whether that is more than the intervals, the group OPIS."""
+    groups, calibration = reading.groups, report.calibration
+    rates = calibration.groups
+    assert groups is not None and rates is not None
+    level = level_text(report.confidence)
     lines = [
-        f"threshold {calibration.threshold:.6g} for target {kind.upper()} {target:g} "
-        f"({100 * target:.4g}%)",
-        f"pooled: FAR {rate(calibration.far)}  FRR {rate(calibration.frr)}",
+        f"{groups.num_groups} groups (--groups); a group's pairs are those of its queries. "
+        f"FAR and FRR at the calibrated threshold {calibration.threshold:.6g}"
+        + (
+            f", with {level}bootstrap intervals (queries resampled within their group)."
+            if report.confidence is not None
+            else ", without intervals (--bootstrap 0)."
+        )
     ]
-    for name, worst_class, worst, spread, percentiles in (
+    for name, worst_group, worst, best_group, best, ratio, verdict, above, pooled, missing in (
         (
             "FAR",
-            calibration.worst_far_class,
-            calibration.worst_far,
-            calibration.far_spread,
-            calibration.far_percentiles,
+            rates.worst_far_group,
+            rates.worst_far,
+            groups.best_far_group,
+            rates.best_far,
+            rates.far_ratio,
+            groups.far_verdict,
+            groups.far_above_pooled,
+            calibration.far,
+            groups.without_negatives,
         ),
         (
             "FRR",
-            calibration.worst_frr_class,
-            calibration.worst_frr,
-            calibration.frr_spread,
-            calibration.frr_percentiles,
+            rates.worst_frr_group,
+            rates.worst_frr,
+            groups.best_frr_group,
+            rates.best_frr,
+            rates.frr_ratio,
+            groups.frr_verdict,
+            groups.frr_above_pooled,
+            calibration.frr,
+            groups.without_positives,
         ),
     ):
-        if worst_class is None:
-            lines.append(f"per class {name}: no class has such pairs")
+        if worst_group is None:
+            lines.append(f"{name}: no group has such pairs.")
             continue
-        shown = "  ".join(f"p{p} {value:.4g}" for p, value in percentiles.items())
-        lines.append(
-            f"per class {name}: worst {rate(worst)} (class {worst_class}), spread "
-            f"{rate(spread)}; {shown}"
+        line = (
+            f"{name} runs from {rate(best)} in group {best_group} to {rate(worst)} in group "
+            f"{worst_group}: worst/best {_ratio_text(ratio)}."
         )
+        if verdict == "distinguishable":
+            line += (
+                f" The worst group's {level}interval lies above the best group's: the gap is "
+                "distinguishable from sampling noise."
+            )
+        elif verdict == "within the intervals":
+            line += (
+                f" The worst and best groups' {level}intervals overlap: the gap is within the "
+                "intervals (not distinguishable from sampling noise with these samples)."
+            )
+        elif report.confidence is None:
+            line += " Without intervals (--bootstrap 0) noise and a real gap look alike."
+        if above is not None:
+            chance = (1 - report.confidence) / 2 * groups.num_groups
+            line += (
+                f" {above} of the {groups.num_groups} groups have their {name} interval wholly "
+                f"above the pooled {name} {rate(pooled)} (about {chance:.2g} would by chance "
+                "alone)."
+            )
+            if groups.num_groups > 2 and verdict is not None:
+                line += (
+                    " With many groups the worst and best are the extremes of many noisy "
+                    "estimates: that count says more than the extremes do."
+                )
+        if missing:
+            line += f" {missing} group(s) have no such pairs and no {name}."
+        lines.append(line)
+    group_result = report.group_result
+    assert group_result is not None
+    opis = _with_interval(group_result.opis, ".4g", group_result.opis_interval, report.confidence)
+    eps_opis = _with_interval(
+        group_result.eps_opis, ".4g", group_result.eps_opis_interval, report.confidence
+    )
+    lines.append(
+        f"Group OPIS {opis} and group ε-OPIS {eps_opis} are OPIS and ε-OPIS with the "
+        "groups in place of the classes (each group's utility curve against the pooled "
+        "one over the same calibration range); the OPIS and ε-OPIS above are over the "
+        "classes."
+    )
     return lines
+
+
+def group_row(row: GroupRow) -> str:
+    """One row of a groups table (terminal and Markdown alike)."""
+    return (
+        f"| {row.group} | {rate(row.far)} | {_interval_cell(row.far_interval)} | "
+        f"{rate(row.frr)} | {_interval_cell(row.frr_interval)} | {row.negatives} | "
+        f"{row.positives} |"
+    )
+
+
+def group_tables(report: EmbeddingReport, worst: int) -> list[tuple[str, list[str]]]:
+    """``(caption, table lines)``: every group when there are at most ``worst``, else the
+    ``worst`` groups with the highest FAR and those with the highest FRR (every group is
+    in ``report.json``)."""
+    head = [f"| {' | '.join(GROUP_HEADER)} |", "|" + "---|" * len(GROUP_HEADER)]
+    rows = report.group_rows()
+    if len(rows) <= worst:
+        return [(f"all {len(rows)} groups:", head + list(map(group_row, rows)))]
+    return [
+        (
+            f"the {worst} of {len(rows)} groups with the highest {name.upper()} (all "
+            "groups: report.json):",
+            head + list(map(group_row, report.worst_groups(worst, name))),
+        )
+        for name in ("far", "frr")
+    ]
 
 
 def text(report: EmbeddingReport, worst: int, width: int = 100) -> str:
@@ -220,14 +394,18 @@ def text(report: EmbeddingReport, worst: int, width: int = 100) -> str:
     result = report.opis_result
     low, high = result.calibration_range
     reading = read(report)
+    intervals, level = report.intervals(), report.confidence
+    groups = "" if report.group_result is None else f", {len(report.group_result.classes)} groups"
     lines = [
         f"{report.num_queries} queries vs {report.num_references} references, "
-        f"{len(result.classes)} classes",
+        f"{len(result.classes)} classes{groups}",
         f"R@1       {report.metrics['precision_at_1']:.4f}",
         f"MAP@R     {report.metrics['mean_average_precision_at_r']:.4f}",
-        f"OPIS      {report.metrics['opis']:.4g}  (calibration range: similarity "
-        f"{low:.4f} .. {high:.4f})",
-        f"eps-OPIS  {report.metrics['eps_opis']:.4g}  (epsilon {result.epsilon:g})",
+        f"OPIS      {_with_interval(report.metrics['opis'], '.4g', intervals.get('opis'), level)}"
+        f"  (calibration range: similarity {low:.4f} .. {high:.4f})",
+        f"eps-OPIS  "
+        f"{_with_interval(report.metrics['eps_opis'], '.4g', intervals.get('eps_opis'), level)}"
+        f"  (epsilon {result.epsilon:g})",
         *report.notes,
         "",
         *calibration_lines(report),
@@ -238,6 +416,18 @@ def text(report: EmbeddingReport, worst: int, width: int = 100) -> str:
         lines += textwrap.wrap(
             paragraph, width, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False
         )
+    if reading.groups is not None:
+        lines += ["", "groups:"]
+        for paragraph in group_lines(report, reading):
+            lines += textwrap.wrap(
+                paragraph,
+                width,
+                initial_indent="  ",
+                subsequent_indent="  ",
+                break_on_hyphens=False,
+            )
+        for caption, table in group_tables(report, worst):
+            lines += [caption, *table]
     for warning in reading.warnings:
         lines += textwrap.wrap(
             f"warning: {warning}",
@@ -281,11 +471,14 @@ def markdown(report: EmbeddingReport, worst: int, record: ReportRecord) -> str:
         "",
         "## Metrics",
         "",
-        "| metric | value | reading |",
-        "|---|---|---|",
+        f"| metric | value | {level_text(report.confidence)}interval | reading |",
+        "|---|---|---|---|",
     ]
-    for key, name, spec, meaning in METRIC_ROWS:
-        lines.append(f"| {name} | {format(report.metrics[key], spec)} | {meaning} |")
+    intervals = report.intervals()
+    for key, name, spec, meaning in _metric_rows(report):
+        interval = intervals.get(key)
+        shown = "n/a" if interval is None else " .. ".join(format(v, spec) for v in interval)
+        lines.append(f"| {name} | {format(report.metrics[key], spec)} | {shown} | {meaning} |")
     if report.notes:
         lines += ["", *(f"- {note}" for note in report.notes)]
     far_low, far_high = settings["far_range"]
@@ -301,8 +494,22 @@ def markdown(report: EmbeddingReport, worst: int, record: ReportRecord) -> str:
     ]
     if reading.warnings:
         lines += ["", *(f"> **Warning:** {warning}" for warning in reading.warnings)]
+    lines += [
+        "",
+        f"The intervals are {level_text(report.confidence)}percentile bootstrap intervals "
+        f"({report.bootstrap} resamples: of the classes, or groups, for OPIS; of the "
+        "queries, within their class or group, for FAR and FRR)."
+        if report.confidence is not None
+        else "No intervals (--bootstrap 0).",
+    ]
     lines += ["", "## Calibrated threshold", ""]
     lines += [f"- {line}" for line in calibration_lines(report)]
+    if reading.groups is not None:
+        lines += ["", "## Groups", "", *(f"- {line}" for line in group_lines(report, reading))]
+        for caption, table in group_tables(report, worst):
+            lines += ["", caption[0].upper() + caption[1:], "", *table]
+        if record.group_figure is not None:
+            lines += ["", f"![Per-group FAR and FRR at the threshold]({record.group_figure})"]
     lines += [
         "",
         "## Worst classes",
@@ -344,6 +551,12 @@ def markdown(report: EmbeddingReport, worst: int, record: ReportRecord) -> str:
     return "\n".join(lines)
 
 
+def _metric_rows(report: EmbeddingReport) -> tuple[tuple[str, str, str, str], ...]:
+    """The metric rows the report has: the class metrics, and the group ones with
+    groups."""
+    return METRIC_ROWS + (GROUP_METRIC_ROWS if report.group_result is not None else ())
+
+
 def json_document(
     report: EmbeddingReport, worst: int, record: ReportRecord, files: dict[str, str]
 ) -> str:
@@ -374,6 +587,11 @@ def json_document(
         "num_references": report.num_references,
         "num_classes": len(result.classes),
         "metrics": dict(report.metrics),
+        "intervals": {
+            "bootstrap": report.bootstrap,
+            "confidence": report.confidence,
+            **{name: list(interval) for name, interval in report.intervals().items()},
+        },
         "notes": list(report.notes),
         "calibration_range": list(result.calibration_range),
         "epsilon": result.epsilon,
@@ -394,6 +612,8 @@ def json_document(
             "target": {calibration.target[0]: calibration.target[1]},
             "far": calibration.far,
             "frr": calibration.frr,
+            "far_interval": calibration.far_interval,
+            "frr_interval": calibration.frr_interval,
             "worst_far_class": calibration.worst_far_class,
             "worst_far": calibration.worst_far,
             "worst_frr_class": calibration.worst_frr_class,
@@ -408,7 +628,66 @@ def json_document(
             for label, utility, far, frr in report.worst_classes(worst)
         ],
     }
+    if reading.groups is not None:
+        document["groups"] = _groups_document(report, reading.groups)
     return json.dumps(_finite(document), indent=2, ensure_ascii=False) + "\n"
+
+
+def _groups_document(report: EmbeddingReport, groups: GroupReading) -> dict[str, Any]:
+    """The groups part of ``report.json``: every group's row, the worst and best, the
+    ratios (``null`` when unbounded: the best group has no errors), the reading."""
+    rates, result = report.calibration.groups, report.group_result
+    assert rates is not None and result is not None
+    return {
+        "num_groups": groups.num_groups,
+        "worst_far_group": rates.worst_far_group,
+        "worst_far": rates.worst_far,
+        "best_far_group": groups.best_far_group,
+        "best_far": rates.best_far,
+        "far_ratio": rates.far_ratio,
+        "worst_frr_group": rates.worst_frr_group,
+        "worst_frr": rates.worst_frr,
+        "best_frr_group": groups.best_frr_group,
+        "best_frr": rates.best_frr,
+        "frr_ratio": rates.frr_ratio,
+        "far_verdict": groups.far_verdict,
+        "frr_verdict": groups.frr_verdict,
+        "far_above_pooled": groups.far_above_pooled,
+        "frr_above_pooled": groups.frr_above_pooled,
+        "without_negatives": groups.without_negatives,
+        "without_positives": groups.without_positives,
+        "opis": result.opis,
+        "eps_opis": result.eps_opis,
+        "opis_interval": result.opis_interval,
+        "eps_opis_interval": result.eps_opis_interval,
+        "excluded_groups": result.classes[result.excluded].tolist(),
+        "table": [
+            {
+                "group": row.group,
+                "far": row.far,
+                "far_interval": row.far_interval,
+                "frr": row.frr,
+                "frr_interval": row.frr_interval,
+                "false_accepts": row.false_accepts,
+                "negatives": row.negatives,
+                "false_rejects": row.false_rejects,
+                "positives": row.positives,
+            }
+            for row in report.group_rows()
+        ],
+    }
+
+
+def group_figure(report: EmbeddingReport, worst: int) -> Any:
+    """The group figure (:func:`pml_tcm.plotting.plot_group_rates`): per-group FAR and
+    FRR at the threshold with their intervals, the worst groups named.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    from ..plotting import plot_group_rates
+
+    return plot_group_rates(report.calibration, label_worst=min(worst, MAX_HIGHLIGHTED))
 
 
 def figure(report: EmbeddingReport, worst: int, target_far: float) -> Any:
@@ -447,6 +726,16 @@ def figure(report: EmbeddingReport, worst: int, target_far: float) -> Any:
         fontsize=9,
     )
     return drawing
+
+
+def _interval_cell(interval: tuple[float, float] | None) -> str:
+    return "n/a" if interval is None else fraction_range(*interval)
+
+
+def _ratio_text(ratio: float) -> str:
+    if math.isinf(ratio):
+        return "unbounded (the best group has no errors)"
+    return f"{ratio:.3g}x"
 
 
 def _percent(value: float) -> str:
