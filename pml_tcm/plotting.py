@@ -342,6 +342,16 @@ def _draw_group_panel(
     x = np.arange(len(rate))
     many = len(rate) > max_labelled
     small = len(rate) > 60
+    ax.plot(
+        x,
+        rate,
+        linestyle="none",
+        marker="o",
+        markersize=2.5 if small else 5,
+        color="tab:blue",
+        label=f"group {name}" + (f" ({level}interval)" if intervals is not None else ""),
+        zorder=3,
+    )
     if intervals is not None and len(rate):
         bounds = intervals[kept].numpy()[order]
         lower = np.clip(rate - bounds[:, 0], 0, None)
@@ -356,16 +366,6 @@ def _draw_group_panel(
             capsize=0 if small else 3,
             zorder=2,
         )
-    ax.plot(
-        x,
-        rate,
-        linestyle="none",
-        marker="o",
-        markersize=2.5 if small else 5,
-        color="tab:blue",
-        label=f"group {name}" + (f" ({level}interval)" if intervals is not None else ""),
-        zorder=3,
-    )
     if many and len(rate):
         import textwrap
 
