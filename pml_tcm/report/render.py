@@ -28,6 +28,7 @@ FIGURE_NAME = "utility_curves.png"
 GROUP_FIGURE_NAME = "group_rates.png"
 MAX_HIGHLIGHTED = 10  # the figure singles out at most this many of the worst classes
 HIGH_FRR = 0.5  # a pooled FRR above this at the calibrated threshold is flagged
+MANY_GROUPS = 10  # above this, the reading warns that the extremes of many groups are noisy
 
 METRIC_ROWS = (
     ("precision_at_1", "R@1", ".4f", "higher is better"),
@@ -333,17 +334,19 @@ def group_lines(report: EmbeddingReport, reading: Reading) -> list[str]:
         elif report.confidence is None:
             line += " Without intervals (--bootstrap 0) noise and a real gap look alike."
         if above is not None:
-            chance = (1 - report.confidence) / 2 * groups.num_groups
             line += (
                 f" {above} of the {groups.num_groups} groups have their {name} interval wholly "
-                f"above the pooled {name} {rate(pooled)} (about {chance:.2g} would by chance "
-                "alone)."
+                f"above the pooled {name} {rate(pooled)}"
             )
-            if groups.num_groups > 2 and verdict is not None:
+            if groups.num_groups > MANY_GROUPS:
+                chance = (1 - report.confidence) / 2 * groups.num_groups
                 line += (
-                    " With many groups the worst and best are the extremes of many noisy "
-                    "estimates: that count says more than the extremes do."
+                    f" (about {chance:.2g} would by chance alone). With this many groups the "
+                    "worst and best are the extremes of many noisy estimates: that count says "
+                    "more than the extremes do."
                 )
+            else:
+                line += "."
         if missing:
             line += f" {missing} group(s) have no such pairs and no {name}."
         lines.append(line)
