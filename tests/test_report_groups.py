@@ -364,3 +364,56 @@ def test_summary_and_report_state_the_interval_level_as_given():
     assert "97.5% interval" in text and "98% interval" not in text
     lo, hi = report.far_interval
     assert f"FAR {report.far:.4%} (97.5% interval {lo:.4%} to {hi:.4%})" in text
+
+
+def test_groups_with_a_reference_set_are_the_queries_groups(tmp_path, capsys):
+    x, y, g = _customers(3, 50)
+    rng = np.random.RandomState(5)
+    gallery = x[::2] + 0.05 * rng.randn(*x[::2].shape).astype(np.float32)
+    gallery_labels = y[::2]
+    args = _save(tmp_path, x, y, g)
+    np.save(tmp_path / "ref.npy", gallery)
+    np.save(tmp_path / "ref_labels.npy", gallery_labels)
+    out = tmp_path / "out"
+    reference = ["--reference", str(tmp_path / "ref.npy")]
+    reference += ["--reference-labels", str(tmp_path / "ref_labels.npy")]
+    assert main(args + reference + ["--out", str(out), "--target-far", "0.02"]) == 0
+    document = json.loads((out / "report.json").read_text())
+    unit = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    ref = gallery.astype(np.float64)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    sims = unit @ ref.T  # every query against every reference: no self pair to skip
+    same = y[:, None] == gallery_labels[None, :]
+    accepted = sims >= document["calibration"]["threshold"]
+    for row in document["groups"]["table"]:
+        rows = (g == row["group"])[:, None]
+        negatives, positives = (rows & ~same).sum(), (rows & same).sum()
+        assert (row["negatives"], row["positives"]) == (negatives, positives)
+        assert row["far"] == pytest.approx(
+            accepted[rows & ~same].sum() / negatives, abs=2.5 / negatives
+        )
+        assert row["frr"] == pytest.approx(
+            (~accepted[rows & same]).sum() / positives, abs=2.5 / positives
+        )
+
+
+def test_a_group_without_positive_pairs_has_no_frr_and_is_counted(tmp_path, capsys):
+    x, y, g = _customers(3, 50)
+    # one query alone in group 9 and the only one of its class: no positive pair
+    x = np.concatenate([x, 3 * np.ones((1, x.shape[1]), dtype=np.float32)])
+    y, g = np.append(y, 99), np.append(g, 9)
+    args = _save(tmp_path, x, y, g)
+    out = tmp_path / "out"
+    assert main(args + ["--out", str(out), "--bootstrap", "50"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    document = json.loads((out / "report.json").read_text())
+    lonely = next(row for row in document["groups"]["table"] if row["group"] == 9)
+    assert lonely["positives"] == 0 and lonely["frr"] is None
+    assert lonely["frr_interval"] == [None, None]
+    groups = document["groups"]
+    assert groups["without_positives"] == 1 and 9 not in (
+        groups["worst_frr_group"],
+        groups["best_frr_group"],
+    )
+    assert 9 in groups["excluded_groups"]  # left out of the group OPIS, as classes are
+    assert "1 group(s) have no such pairs and no FRR" in printed

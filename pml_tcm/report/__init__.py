@@ -9,7 +9,7 @@ writes the files as one set.
 
 from .command import report_embeddings
 from .compute import REPORT_METRICS, EmbeddingReport, compute_report
-from .inputs import ReportInputError, load_embeddings, load_labels
+from .inputs import ReportInputError, load_embeddings, load_groups, load_labels
 
 __all__ = [
     "REPORT_METRICS",
@@ -17,6 +17,7 @@ __all__ = [
     "ReportInputError",
     "compute_report",
     "load_embeddings",
+    "load_groups",
     "load_labels",
     "report_embeddings",
 ]

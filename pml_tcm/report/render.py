@@ -1,8 +1,9 @@
 """Every form of the report, from one place: the terminal text, ``report.md``,
-``report.json`` and the utility figure.
+``report.json``, the utility figure and, with groups, the group figure.
 
 :func:`read` turns the computed numbers into what they mean (the scale of OPIS and
-ε-OPIS against the pooled utility, the per-class FAR/FRR at the threshold, warnings);
+ε-OPIS against the pooled utility, the per-class FAR/FRR at the threshold, warnings,
+and with groups whether the per-group rates differ by more than their intervals);
 the renderers below only lay that out, each row and rate formatted by one function.
 Rates are fractions, as the user types them (``--target-far 1e-3``), shown with their
 percentage.
@@ -419,6 +420,14 @@ def text(report: EmbeddingReport, worst: int, width: int = 100) -> str:
         lines += textwrap.wrap(
             paragraph, width, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False
         )
+    for warning in reading.warnings:
+        lines += textwrap.wrap(
+            f"warning: {warning}",
+            width,
+            initial_indent="  ",
+            subsequent_indent="    ",
+            break_on_hyphens=False,
+        )
     if reading.groups is not None:
         lines += ["", "groups:"]
         for paragraph in group_lines(report, reading):
@@ -431,14 +440,6 @@ def text(report: EmbeddingReport, worst: int, width: int = 100) -> str:
             )
         for caption, table in group_tables(report, worst):
             lines += [caption, *table]
-    for warning in reading.warnings:
-        lines += textwrap.wrap(
-            f"warning: {warning}",
-            width,
-            initial_indent="  ",
-            subsequent_indent="    ",
-            break_on_hyphens=False,
-        )
     lines += [
         "",
         "worst classes (lowest mean utility over the calibration range; FAR and FRR at the "
