@@ -7,6 +7,11 @@ same numbers as :class:`pml_tcm.OPISAccuracyCalculator` and
 :func:`pml_tcm.calibrate_threshold`), R@1 and MAP@R from the exact bounded-memory
 ranking (:func:`pml_tcm.functional.retrieval.retrieval_metrics`, pml's definitions).
 Embeddings are L2-normalised first, as pml's testers do, so every number is cosine-based.
+
+With groups that pass gives the group OPIS and each query's counts at the threshold
+(hence per-class and per-group FAR/FRR); the class OPIS takes one more counting pass on
+the same grid. Bootstrap intervals (:mod:`pml_tcm.functional.bootstrap`) come from those
+counts, with no further pass.
 """
 
 from __future__ import annotations
