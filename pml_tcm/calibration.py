@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -11,10 +12,69 @@ from torch import Tensor
 from ._scores import needs_direction, score_function
 from ._sharding import check_shard_queries, data_fingerprint, query_shard
 from .functional import validation
-from .functional.calibration import calibrate_closeness_threshold
+from .functional.bootstrap import check_bootstrap_settings, percentile_interval, rate_replicates
+from .functional.calibration import QueryErrors, calibrate_closeness_threshold
 from .functional.prepare import prepare_sets
 
 PERCENTILES = (5, 25, 50, 75, 95)
+
+
+@dataclass
+class GroupRates:
+    """FAR and FRR of each group of queries at one global threshold.
+
+    A group's pairs are the pairs whose query belongs to it. Rates are fractions; a
+    group without negative (positive) pairs has no FAR (FRR): 0 there, masked out by
+    ``has_negatives`` (``has_positives``) and skipped by the worst / best / ratio.
+
+    Attributes:
+        groups: ``(U,)`` the group values, ascending, as given.
+        far: ``(U,)`` float64 per-group FAR.
+        frr: ``(U,)`` float64 per-group FRR.
+        has_negatives: ``(U,)`` bool.
+        has_positives: ``(U,)`` bool.
+        false_accepts: ``(U,)`` int64.
+        false_rejects: ``(U,)`` int64.
+        negatives: ``(U,)`` int64.
+        positives: ``(U,)`` int64.
+        far_interval: ``(U, 2)`` float64 percentile bootstrap interval of each group's
+            FAR (its queries resampled), or ``None`` without ``bootstrap``.
+        frr_interval: the same for FRR.
+        worst_far_group: the group with the highest FAR (``None`` if none has negatives).
+        worst_far: its FAR.
+        best_far: the lowest group FAR.
+        far_ratio: ``worst_far / best_far`` (``inf`` when only the best is 0, 1 when both).
+        worst_frr_group: the group with the highest FRR.
+        worst_frr: its FRR.
+        best_frr: the lowest group FRR.
+        frr_ratio: ``worst_frr / best_frr``.
+    """
+
+    groups: Tensor
+    far: Tensor
+    frr: Tensor
+    has_negatives: Tensor
+    has_positives: Tensor
+    false_accepts: Tensor
+    false_rejects: Tensor
+    negatives: Tensor
+    positives: Tensor
+    far_interval: Tensor | None
+    frr_interval: Tensor | None
+    worst_far_group: int | float | None
+    worst_far: float
+    best_far: float
+    far_ratio: float
+    worst_frr_group: int | float | None
+    worst_frr: float
+    best_frr: float
+    frr_ratio: float
+
+
+def _ratio(worst: float, best: float) -> float:
+    if best > 0:
+        return worst / best
+    return math.inf if worst > 0 else 1.0
 
 
 @dataclass
@@ -44,6 +104,15 @@ class CalibrationReport:
         frr_spread: max - min of the per-class FRR.
         far_percentiles: ``{p: value}`` for p in 5, 25, 50, 75, 95 (linear interpolation).
         frr_percentiles: the same for FRR.
+        far_interval: percentile bootstrap interval ``(lo, hi)`` of the pooled FAR
+            (queries resampled within their groups, or classes), ``None`` without
+            ``bootstrap``.
+        frr_interval: the same for the pooled FRR.
+        class_far_interval: ``(C, 2)`` float64 interval of each class's FAR (its
+            queries resampled), ``None`` without ``bootstrap``.
+        class_frr_interval: the same for the per-class FRR.
+        groups: the per-group rates (:class:`GroupRates`), ``None`` without ``groups``.
+        confidence: the intervals' level (``None`` without them).
     """
 
     threshold: float
@@ -63,13 +132,21 @@ class CalibrationReport:
     frr_spread: float
     far_percentiles: dict[int, float]
     frr_percentiles: dict[int, float]
+    far_interval: tuple[float, float] | None = None
+    frr_interval: tuple[float, float] | None = None
+    class_far_interval: Tensor | None = None
+    class_frr_interval: Tensor | None = None
+    groups: GroupRates | None = None
+    confidence: float | None = None
 
     def summary(self) -> str:
         """A few readable lines."""
         kind, value = self.target
+        level = "" if self.confidence is None else f"{self.confidence:.0%} "
         lines = [
             f"threshold {self.threshold:.6g} for target {kind.upper()} {value:.10g}",
-            f"pooled: FAR {self.far:.4%}  FRR {self.frr:.4%}",
+            f"pooled: FAR {self.far:.4%}{_shown(self.far_interval, level)}  "
+            f"FRR {self.frr:.4%}{_shown(self.frr_interval, level)}",
         ]
         for name, worst_class, worst, spread, pct in (
             ("FAR", self.worst_far_class, self.worst_far, self.far_spread, self.far_percentiles),
@@ -83,10 +160,29 @@ class CalibrationReport:
                 f"per class {name}: worst {worst:.4%} (class {worst_class}), "
                 f"spread {spread:.4%}; {shown}"
             )
+        if self.groups is not None:
+            rates = self.groups
+            for name, worst_group, worst, best, ratio in (
+                ("FAR", rates.worst_far_group, rates.worst_far, rates.best_far, rates.far_ratio),
+                ("FRR", rates.worst_frr_group, rates.worst_frr, rates.best_frr, rates.frr_ratio),
+            ):
+                if worst_group is None:
+                    lines.append(f"per group {name}: no group has such pairs")
+                    continue
+                lines.append(
+                    f"per group {name}: worst {worst:.4%} (group {worst_group}), best "
+                    f"{best:.4%}, worst/best {ratio:.3g}"
+                )
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _shown(interval: tuple[float, float] | None, level: str) -> str:
+    if interval is None or not all(math.isfinite(v) for v in interval):
+        return ""
+    return f" ({level}interval {interval[0]:.4%} to {interval[1]:.4%})"
 
 
 def _label(value: Tensor) -> int | float | bool | tuple:
@@ -120,8 +216,13 @@ def calibrate_threshold(
     distance: BaseDistance | None = None,
     chunk_size: int | None = None,
     shard_queries: bool | str = False,
+    groups: Tensor | None = None,
+    bootstrap: int = 0,
+    confidence: float = 0.95,
+    seed: int = 0,
 ) -> CalibrationReport:
-    """The global threshold meeting a target FAR (or FRR) and its per-class FAR/FRR.
+    """The global threshold meeting a target FAR (or FRR) and its per-class FAR/FRR
+    (and per-group, with ``groups``).
 
     Pairs follow :mod:`pml_tcm.functional.opis` (no self pair when the reference set is
     the embeddings themselves or includes them). For ``target_far = f`` the threshold is
@@ -150,6 +251,16 @@ def calibrate_threshold(
             streams its contiguous share against the whole reference set and the counts
             are summed, so every rank gets the one-process report. Every rank must then
             call with the same data. ``False`` (default) never communicates.
+        groups: ``(N,)`` a group id per query (e.g. the customer; any label-like dtype,
+            tensor or NumPy), at least two groups: the report then gives each group's
+            FAR and FRR at the global threshold (a group's pairs are those of its
+            queries), the worst group and the worst-to-best ratio.
+        bootstrap: ``B`` replicates for percentile intervals on the pooled, per-class
+            and per-group FAR/FRR (queries resampled, each with all its pairs, within
+            their group, or their class), ``0`` for none. The threshold stays fixed:
+            the intervals say how its rates would vary with other queries like these.
+        confidence: the intervals' level in (0, 1).
+        seed: the bootstrap's seed (reproducible intervals).
 
     Returns:
         A :class:`CalibrationReport`.
@@ -166,6 +277,7 @@ def calibrate_threshold(
         raise ValueError(f"target_far must lie in (0, 1], got {target_far!r}")
     if target_frr is not None and not (validation.is_real(target_frr) and 0 <= target_frr < 1):
         raise ValueError(f"target_frr must lie in [0, 1), got {target_frr!r}")
+    check_bootstrap_settings(bootstrap, confidence, seed)
     distance = CosineSimilarity() if distance is None else distance
     if not isinstance(distance, BaseDistance):
         raise ValueError(f"distance must be a pml distance, got {type(distance).__name__}")
@@ -176,19 +288,27 @@ def calibrate_threshold(
         reference_labels,
         ref_includes_query=ref_includes_query,
         require_direction=needs_direction(distance),
+        groups=groups,
         names=("embeddings", "labels", "reference", "reference_labels"),
     )
     settings = ()
     if shard_queries is not False:
+        fingerprint = [sets.queries, sets.query_ids, sets.references, sets.reference_ids]
+        if sets.query_groups is not None:
+            fingerprint.append(sets.query_groups)
         settings = (
-            data_fingerprint(sets.queries, sets.query_ids, sets.references, sets.reference_ids),
+            data_fingerprint(*fingerprint),
             target_far,
             target_frr,
             type(distance).__name__,
             chunk_size,
+            bootstrap,
+            confidence,
+            seed,
         )
     start, end, distributed = query_shard(sets.queries.shape[0], shard_queries, settings)
-    closeness, classes, counts = calibrate_closeness_threshold(
+    query_groups = None if sets.query_groups is None else sets.query_groups[start:end]
+    closeness, classes, errors = calibrate_closeness_threshold(
         sets.queries[start:end],
         sets.query_ids[start:end],
         sets.references,
@@ -200,10 +320,21 @@ def calibrate_threshold(
         higher_is_closer=distance.is_inverted,
         chunk_size=chunk_size,
         distributed=distributed,
+        query_groups=query_groups,
+        num_groups=sets.num_groups,
     )
     target = ("far", float(target_far)) if target_far is not None else ("frr", float(target_frr))
     return calibration_report(
-        closeness, target, sets.label_values[classes.cpu()], counts, distance.is_inverted
+        closeness,
+        target,
+        sets.label_values[classes.cpu()],
+        errors,
+        distance.is_inverted,
+        group_values=sets.group_values,
+        bootstrap=bootstrap,
+        confidence=confidence,
+        seed=seed,
+        distributed=distributed,
     )
 
 
@@ -211,13 +342,33 @@ def calibration_report(
     closeness: float,
     target: tuple[str, float],
     classes: Tensor,
-    counts: tuple[Tensor, Tensor, Tensor, Tensor],
+    errors: QueryErrors,
     higher_is_closer: bool = True,
+    *,
+    group_values: Tensor | None = None,
+    bootstrap: int = 0,
+    confidence: float = 0.95,
+    seed: int = 0,
+    distributed: bool = False,
 ) -> CalibrationReport:
-    """The :class:`CalibrationReport` of a closeness threshold and its per-class counts
-    ``(false_accepts, false_rejects, negatives, positives)`` (``(C,)`` each; ``classes``
-    the labels of their rows)."""
-    false_accepts, false_rejects, negatives, positives = (c.cpu() for c in counts)
+    """The :class:`CalibrationReport` of a closeness threshold from each query's counts.
+
+    Args:
+        closeness: the threshold as a closeness (minus a distance).
+        target: ``("far" | "frr", value)``.
+        classes: ``(C,)`` the labels of the class indices in ``errors.classes``.
+        errors: this rank's per-query counts at the threshold.
+        higher_is_closer: ``False`` to report the threshold as a distance.
+        group_values: ``(U,)`` the group of each id in ``errors.groups``.
+        bootstrap: replicates of the intervals (``0``: none).
+        confidence: their level.
+        seed: their seed.
+        distributed: sum (and, for the bootstrap, gather) the counts over ranks.
+    """
+    num_classes = classes.shape[0]
+    false_accepts, false_rejects, negatives, positives = (
+        c.cpu() for c in errors.per(errors.classes, num_classes, distributed)
+    )
     has_negatives, has_positives = negatives > 0, positives > 0
     class_far = false_accepts.double() / negatives.clamp(min=1)
     class_frr = false_rejects.double() / positives.clamp(min=1)
@@ -230,7 +381,7 @@ def calibration_report(
         class_frr, has_positives, classes
     )
     threshold = float(closeness if higher_is_closer else -closeness)
-    return CalibrationReport(
+    report = CalibrationReport(
         threshold=threshold,
         target=target,
         far=far,
@@ -249,3 +400,86 @@ def calibration_report(
         far_percentiles=far_pct,
         frr_percentiles=frr_pct,
     )
+    if group_values is not None:
+        assert errors.groups is not None
+        report.groups = _group_rates(
+            errors.per(errors.groups, group_values.shape[0], distributed), group_values
+        )
+    if bootstrap:
+        _add_intervals(report, errors.gathered(distributed), bootstrap, confidence, seed)
+    return report
+
+
+def _group_rates(counts: tuple[Tensor, Tensor, Tensor, Tensor], groups: Tensor) -> GroupRates:
+    false_accepts, false_rejects, negatives, positives = (c.cpu() for c in counts)
+    has_negatives, has_positives = negatives > 0, positives > 0
+    far = false_accepts.double() / negatives.clamp(min=1)
+    frr = false_rejects.double() / positives.clamp(min=1)
+    extremes = []
+    for rates, valid in ((far, has_negatives), (frr, has_positives)):
+        if not bool(valid.any()):
+            extremes.append((None, 0.0, 0.0, 1.0))
+            continue
+        values = rates[valid]
+        worst = float(values.max())
+        best = float(values.min())
+        extremes.append(
+            (_label(groups[valid][int(values.argmax())]), worst, best, _ratio(worst, best))
+        )
+    (worst_far_group, worst_far, best_far, far_ratio), frr_extremes = extremes
+    worst_frr_group, worst_frr, best_frr, frr_ratio = frr_extremes
+    return GroupRates(
+        groups=groups,
+        far=far,
+        frr=frr,
+        has_negatives=has_negatives,
+        has_positives=has_positives,
+        false_accepts=false_accepts,
+        false_rejects=false_rejects,
+        negatives=negatives,
+        positives=positives,
+        far_interval=None,
+        frr_interval=None,
+        worst_far_group=worst_far_group,
+        worst_far=worst_far,
+        best_far=best_far,
+        far_ratio=far_ratio,
+        worst_frr_group=worst_frr_group,
+        worst_frr=worst_frr,
+        best_frr=best_frr,
+        frr_ratio=frr_ratio,
+    )
+
+
+def _add_intervals(
+    report: CalibrationReport, errors: QueryErrors, bootstrap: int, confidence: float, seed: int
+) -> None:
+    """Bootstrap intervals: per class (queries resampled within their class), per group
+    and pooled (within their group when there are groups, else within their class)."""
+    counts = errors.counts()
+    classes = errors.classes.cpu()
+    num_classes = report.classes.shape[0]
+    class_far, class_frr, pooled_far, pooled_frr = rate_replicates(
+        counts, classes, num_classes, replicates=bootstrap, seed=seed
+    )
+    report.class_far_interval = percentile_interval(class_far, confidence)
+    report.class_frr_interval = percentile_interval(class_frr, confidence)
+    if report.groups is not None:
+        assert errors.groups is not None
+        group_far, group_frr, pooled_far, pooled_frr = rate_replicates(
+            counts,
+            errors.groups.cpu(),
+            report.groups.groups.shape[0],
+            replicates=bootstrap,
+            seed=seed,
+            ties=classes,
+        )
+        report.groups.far_interval = percentile_interval(group_far, confidence)
+        report.groups.frr_interval = percentile_interval(group_frr, confidence)
+    report.far_interval = _pair(percentile_interval(pooled_far, confidence))
+    report.frr_interval = _pair(percentile_interval(pooled_frr, confidence))
+    report.confidence = float(confidence)
+
+
+def _pair(interval: Tensor) -> tuple[float, float]:
+    return float(interval[0]), float(interval[1])

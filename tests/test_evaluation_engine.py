@@ -124,7 +124,10 @@ def test_one_pass_evaluation_equals_opis_and_calibration(large, target_far, reta
     assert together.opis.opis == alone.opis
     assert together.opis.eps_opis == alone.eps_opis
     assert together.threshold == report.threshold
-    false_accepts, false_rejects, negatives, positives = together.counts
+    errors = together.errors
+    false_accepts, false_rejects, negatives, positives = errors.per(
+        errors.classes, together.classes.shape[0]
+    )
     assert torch.equal(false_accepts.double() / negatives, report.class_far)
     assert torch.equal(false_rejects.double() / positives, report.class_frr)
 

@@ -19,39 +19,91 @@ For class ``c`` (the query's label): ``FAR_c(t) = FP_c(t) / negatives_c`` and
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 from torch import Tensor
 
-from .collectives import all_reduce, global_classes
+from .collectives import all_gather_values, all_reduce, global_classes
+from .counting import AcceptedCounts
 from .far_search import COLLECT_LIMIT, far_closeness_thresholds, far_rank, num_negative_pairs
-from .streaming import PairStream, ScoreFn, ceil_to_dtype, cosine_similarity_scores
+from .streaming import ChunkPairs, PairStream, ScoreFn, cosine_similarity_scores
 
 
-def class_error_counts(
-    stream: PairStream, closeness_threshold: float, distributed: bool = False
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per class: ``(false_accepts, false_rejects, negatives, positives)``, ``(C,)`` int64."""
-    num_classes = stream.classes.shape[0]
-    device = stream.queries.device
-    false_accepts = torch.zeros(num_classes, dtype=torch.int64, device=device)
-    true_accepts = torch.zeros(num_classes, dtype=torch.int64, device=device)
-    for piece in stream.pieces():
-        values, class_index, is_positive = stream.pairs_at_or_above(closeness_threshold, piece)
-        true_accepts += torch.bincount(class_index[is_positive], minlength=num_classes)
-        false_accepts += torch.bincount(class_index[~is_positive], minlength=num_classes)
+@dataclass
+class QueryErrors:
+    """The pairs of each query at one threshold (one rank's queries, in the stream's
+    order): what per-class and per-group rates are sums of, and what the bootstrap
+    resamples.
+
+    Attributes:
+        false_accepts: ``(N,)`` int64 negative pairs ``>= threshold``.
+        false_rejects: ``(N,)`` int64 positive pairs ``< threshold``.
+        negatives: ``(N,)`` int64 negative pairs.
+        positives: ``(N,)`` int64 positive pairs.
+        classes: ``(N,)`` int64 the query's class index (into the stream's classes).
+        groups: ``(N,)`` int64 the query's group id, or ``None`` without groups.
+    """
+
+    false_accepts: Tensor
+    false_rejects: Tensor
+    negatives: Tensor
+    positives: Tensor
+    classes: Tensor
+    groups: Tensor | None = None
+
+    def counts(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(false_accepts, false_rejects, negatives, positives)``."""
+        return self.false_accepts, self.false_rejects, self.negatives, self.positives
+
+    def per(
+        self, index: Tensor, size: int, distributed: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The four counts summed per ``index`` value (``(N,)`` in ``[0, size)``), over all
+        ranks when ``distributed``: ``(size,)`` int64 each."""
+        stacked = torch.stack(self.counts())
+        sums = stacked.new_zeros(4, size).index_add_(1, index, stacked)
+        all_reduce(sums, distributed=distributed)
+        return tuple(sums.unbind(0))
+
+    def gathered(self, distributed: bool) -> QueryErrors:
+        """Every rank's rows, concatenated in rank order (unchanged when not
+        ``distributed``)."""
+        if not distributed:
+            return self
+        fields = [*self.counts(), self.classes] + ([] if self.groups is None else [self.groups])
+        out = [all_gather_values(f, distributed=True) for f in fields]
+        return QueryErrors(*out[:5], out[5] if self.groups is not None else None)
+
+
+def query_errors(
+    stream: PairStream,
+    closeness_threshold: float,
+    retained: Iterable[ChunkPairs] | None = None,
+) -> QueryErrors:
+    """The :class:`QueryErrors` of this rank's queries at ``closeness_threshold``: from
+    ``retained`` pairs (gathered at or below the threshold) or a pass over the pieces,
+    then the large classes' positive slabs."""
+    accepted = AcceptedCounts(stream, closeness_threshold)
+    if retained is None:
+        retained = (stream.scan(closeness_threshold, piece) for piece in stream.pieces())
+    for pairs in retained:
+        accepted.add(pairs)
     for slab in stream.positive_slabs():
         block, self_scores = stream.slab_scores(slab)
-        limit = ceil_to_dtype(closeness_threshold, block.dtype)
-        accepted = (block >= limit).sum() - (self_scores >= limit).sum()
-        true_accepts[slab.class_index] += accepted
-    positives, negatives = stream.pair_totals()
-    for tensor in (false_accepts, true_accepts):
-        all_reduce(tensor, distributed=distributed)
-    all_reduce(positives, distributed=distributed)
-    all_reduce(negatives, distributed=distributed)
-    return false_accepts, positives - true_accepts, negatives, positives
+        accepted.add_slab(slab, block, self_scores)
+    false_accepts, true_accepts = accepted.error_counts()
+    positives, negatives = stream.query_pair_totals()
+    return QueryErrors(
+        false_accepts,
+        positives - true_accepts,
+        negatives,
+        positives,
+        stream.query_class,
+        stream.query_group,
+    )
 
 
 RADIX_BITS = 16
@@ -129,14 +181,20 @@ def calibrate_closeness_threshold(
     higher_is_closer: bool = True,
     chunk_size: int | None = None,
     distributed: bool = False,
-) -> tuple[float, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
-    """The closeness threshold for a target FAR or FRR and the per-class error counts.
+    query_groups: Tensor | None = None,
+    num_groups: int = 0,
+    retain_limit: int = 1 << 27,
+) -> tuple[float, Tensor, QueryErrors]:
+    """The closeness threshold for a target FAR or FRR and each query's error counts.
 
-    Inputs must already be checked (see :func:`pml_tcm.calibrate_threshold`).
+    Inputs must already be checked (see :func:`pml_tcm.calibrate_threshold`). For a
+    target FAR the pairs gathered by the exact search are counted again at the threshold
+    when they fit ``retain_limit`` scores (else a second pass).
 
     Returns:
-        ``(closeness_threshold, classes, (false_accepts, false_rejects, negatives,
-        positives))``, the counts ``(C,)`` int64 per class.
+        ``(closeness_threshold, classes, errors)``: ``classes`` the ``(C,)`` sorted query
+        class ids (over all ranks), ``errors`` this rank's :class:`QueryErrors`
+        (``errors.classes`` index ``classes``).
 
     Raises:
         ValueError: no negative pair for a target FAR, no positive pair for a target FRR.
@@ -152,7 +210,10 @@ def calibrate_closeness_threshold(
         score_fn=score_fn,
         higher_is_closer=higher_is_closer,
         chunk_size=chunk_size,
+        query_groups=query_groups,
+        num_groups=num_groups,
     )
+    retained = None
     if target_far is not None:
         num_negatives = num_negative_pairs(stream, distributed=distributed)
         if num_negatives == 0:
@@ -163,10 +224,12 @@ def calibrate_closeness_threshold(
             num_negatives=num_negatives,
             distributed=distributed,
             collect_limit=COLLECT_LIMIT,
-            retain_limit=0,
+            retain_limit=retain_limit,
             seed=0,
         )
         (threshold,) = search.values
+        if search.retained is not None and search.retained_floor <= threshold:
+            retained = search.retained
     else:
         positives, _ = stream.pair_totals()
         num_positives = int(all_reduce(positives.sum().reshape(1), distributed=distributed))
@@ -177,5 +240,4 @@ def calibrate_closeness_threshold(
             threshold = math.inf  # reject everything (target_frr = 1)
         else:
             threshold = kth_smallest_positive(stream, k, distributed)
-    counts = class_error_counts(stream, threshold, distributed)
-    return threshold, classes, counts
+    return threshold, classes, query_errors(stream, threshold, retained)

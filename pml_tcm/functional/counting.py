@@ -1,4 +1,5 @@
-"""Grid counting: per-(class, threshold) histograms of streamed pairs.
+"""Grid counting: per-(unit, threshold) histograms of streamed pairs (a unit is the
+query's class, or its group: :attr:`~pml_tcm.functional.streaming.PairStream.query_unit`).
 
 Owns :func:`grid_histograms`, which turns the :class:`~pml_tcm.functional.streaming.ChunkPairs`
 of a :class:`~pml_tcm.functional.streaming.PairStream` into the positive and negative
@@ -92,13 +93,9 @@ class _GridCounter:
         self, stream: PairStream, closeness_grid: Tensor, threshold: float | None = None
     ) -> None:
         self.stream = stream
-        self.threshold = threshold
-        # pairs >= threshold per class: all, positive, self (the calibration counts)
-        self.accepted = torch.zeros(
-            3, stream.classes.shape[0], dtype=torch.int64, device=stream.queries.device
-        )
+        self.accepted = None if threshold is None else AcceptedCounts(stream, threshold)
         self.grid_size = closeness_grid.shape[0]
-        self.num_classes = stream.classes.shape[0]
+        self.num_classes = stream.num_units
         self.grid = closeness_grid.to(torch.float64)
         self._edges: dict[torch.dtype, tuple[Tensor, float, float]] = {}
         size = self.num_classes * (self.grid_size + 1)
@@ -117,7 +114,7 @@ class _GridCounter:
 
     def add(self, pairs: ChunkPairs) -> None:
         """Count the pairs of one chunk (gathered at or below ``g_0``)."""
-        row_key = self.stream.query_class[pairs.start : pairs.end] * (self.grid_size + 1)
+        row_key = self.stream.query_unit[pairs.start : pairs.end] * (self.grid_size + 1)
         all_keys = torch.repeat_interleave(
             row_key, pairs.row_counts, output_size=pairs.values.numel()
         )
@@ -128,33 +125,34 @@ class _GridCounter:
         self.negative.add(positive_keys, -1)
         self_keys = row_key.index_select(0, pairs.self_rows) + self.buckets(pairs.self_values)
         self.negative.add(self_keys, -1)
-        if self.threshold is not None:
-            limit = ceil_to_dtype(self.threshold, pairs.values.dtype)
-            row_class = self.stream.query_class[pairs.start : pairs.end]
-            size = self.num_classes
-            classes = torch.div(all_keys, self.grid_size + 1, rounding_mode="floor")
-            for slot, (values, of_class) in enumerate(
-                (
-                    (pairs.values, classes),
-                    (pairs.positive_values, row_class.index_select(0, pairs.positive_rows)),
-                    (pairs.self_values, row_class.index_select(0, pairs.self_rows)),
-                )
-            ):
-                self.accepted[slot] += torch.bincount(of_class[values >= limit], minlength=size)
+        if self.accepted is not None:
+            self.accepted.add(pairs)
+
+    # a slab with more unit runs than rows / this is counted by keys, not run by run
+    RUN_ROWS = 16
 
     def add_slab(self, slab: PositiveSlab) -> None:
         """Count a large class's positive slab where it lies (no pair gathered): a
-        histogram of the block's buckets, minus its self pairs."""
+        histogram of each unit run's rows, minus the self pairs."""
         block, self_scores = self.stream.slab_scores(slab)
-        offset = slab.class_index * (self.grid_size + 1)
-        target = self.positive.counts[offset : offset + self.grid_size + 1]
-        target += self.bucket_histogram(block.reshape(-1))
+        stride = self.grid_size + 1
+        row_key = self.stream.query_unit[slab.start : slab.end] * stride
+        runs = slab.unit_runs
+        if len(runs) == 1 or len(runs) * self.RUN_ROWS <= block.shape[0]:
+            for first, last, unit in runs:
+                target = self.positive.counts[unit * stride : (unit + 1) * stride]
+                target += self.bucket_histogram(block[first:last].reshape(-1))
+        else:  # many small runs (e.g. one group per query): keyed counts, a tile at a time
+            tile_rows = max(1, HISTOGRAM_TILE // block.shape[1])
+            for first in range(0, block.shape[0], tile_rows):
+                rows = block[first : first + tile_rows]
+                keys = self.buckets(rows.reshape(-1)).view(rows.shape)
+                keys += row_key[first : first + rows.shape[0], None]
+                self.positive.add(keys.reshape(-1))
         if self_scores.numel():
-            self.positive.add(offset + self.buckets(self_scores), -1)
-        if self.threshold is not None:
-            limit = ceil_to_dtype(self.threshold, block.dtype)
-            every, selves = (block >= limit).sum(), (self_scores >= limit).sum()
-            self.accepted[:, slab.class_index] += torch.stack([every, every - selves, selves])
+            self.positive.add(row_key + self.buckets(self_scores), -1)
+        if self.accepted is not None:
+            self.accepted.add_slab(slab, block, self_scores)
 
     def bucket_histogram(self, values: Tensor) -> Tensor:
         """``(G + 1,)`` int64: how many ``values`` fall in each bucket (exact).
@@ -189,7 +187,7 @@ class _GridCounter:
         return total
 
     def histograms(self) -> tuple[Tensor, Tensor]:
-        """``(positive, negative)`` histograms, each ``(C, G)`` int32 or int64 (views of
+        """``(positive, negative)`` histograms, each ``(U, G)`` int32 or int64 (views of
         the counts: no copy)."""
         shape = (self.num_classes, self.grid_size + 1)
         positive = self.positive.total().view(shape)[:, 1:]
@@ -234,6 +232,48 @@ class _GridCounter:
         return self._edges[dtype]
 
 
+class AcceptedCounts:
+    """Per query row (the stream's sorted order): the pairs at or above a threshold,
+    ``(3, N)`` int64 — all pairs, positive pairs, self pairs (the calibration counts and
+    the rows the bootstrap resamples)."""
+
+    def __init__(self, stream: PairStream, threshold: float) -> None:
+        self.threshold = threshold
+        self.rows = torch.zeros(
+            3, stream.queries.shape[0], dtype=torch.int64, device=stream.queries.device
+        )
+
+    def add(self, pairs: ChunkPairs) -> None:
+        """The pairs of one chunk, gathered at or below the threshold."""
+        limit = ceil_to_dtype(self.threshold, pairs.values.dtype)
+        rows = self.rows[:, pairs.start : pairs.end]
+        passed = torch.cumsum((pairs.values >= limit).to(torch.int64), 0)
+        ends = torch.cumsum(pairs.row_counts, 0)
+        at_ends = torch.cat([passed.new_zeros(1), passed]).index_select(0, ends)
+        rows[0] += torch.diff(at_ends, prepend=at_ends.new_zeros(1))
+        size = pairs.end - pairs.start
+        for slot, values, of_row in (
+            (1, pairs.positive_values, pairs.positive_rows),
+            (2, pairs.self_values, pairs.self_rows),
+        ):
+            rows[slot] += torch.bincount(of_row[values >= limit], minlength=size)
+
+    def add_slab(self, slab: PositiveSlab, block: Tensor, self_scores: Tensor) -> None:
+        """A positive slab's ``(rows, columns)`` block and its rows' self-pair scores."""
+        limit = ceil_to_dtype(self.threshold, block.dtype)
+        every = (block >= limit).sum(dim=1)
+        rows = self.rows[:, slab.start : slab.end]
+        selves = (self_scores >= limit).to(torch.int64) if self_scores.numel() else 0
+        rows[0] += every
+        rows[1] += every - selves
+        rows[2] += selves
+
+    def error_counts(self) -> tuple[Tensor, Tensor]:
+        """``(false_accepts, true_accepts)`` of each query row, ``(N,)`` int64 each."""
+        every, positives, selves = self.rows
+        return every - positives - selves, positives
+
+
 def grid_histograms(
     *,
     stream: PairStream,
@@ -250,15 +290,16 @@ def grid_histograms(
             search), or ``None`` for a pass over all pieces. The large classes' positive
             slabs are counted in place after them.
 
-        threshold: also count, per class, the pairs ``>= threshold`` (a calibrated
+        threshold: also count, per query row, the pairs ``>= threshold`` (a calibrated
             threshold, in the same pass; ``retained`` must reach down to it).
 
     Returns:
-        ``(positive, negative, accepted)``: ``positive`` and ``negative`` are ``(C, G)``
+        ``(positive, negative, accepted)``: ``positive`` and ``negative`` are ``(U, G)``
         int32 (int64 where a count could pass 2^31), ``[c, i]`` counting the pairs of
         class ``c`` with score in ``[g_i, g_{i+1})`` (the last bucket is ``[g_{G-1}, ∞)``);
-        ``accepted`` is ``(2, C)`` int64, the negative and the positive pairs
-        ``>= threshold`` per class (``None`` without ``threshold``).
+        ``accepted`` is ``(2, N)`` int64, the negative and the positive pairs
+        ``>= threshold`` of each query row in the stream's order (``None`` without
+        ``threshold``; :meth:`PairStream.per_unit` sums them per unit).
     """
     counter = _GridCounter(stream, closeness_grid, threshold)
     if retained is None:
@@ -273,7 +314,6 @@ def grid_histograms(
     for slab in stream.positive_slabs():
         counter.add_slab(slab)
     positive, negative = counter.histograms()
-    if threshold is None:
+    if counter.accepted is None:
         return positive, negative, None
-    every, positives, selves = counter.accepted
-    return positive, negative, torch.stack([every - positives - selves, positives])
+    return positive, negative, torch.stack(counter.accepted.error_counts())

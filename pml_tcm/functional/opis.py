@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 
 from . import validation
+from .bootstrap import check_bootstrap_settings, opis_replicates, percentile_interval
+from .calibration import QueryErrors
 from .collectives import all_reduce, global_classes
 from .counting import grid_histograms
 from .far_search import (
@@ -161,6 +163,13 @@ class OPISResult:
         epsilon: the ε of ε-OPIS.
         higher_is_closer: ``True`` for a similarity, ``False`` for a distance.
         state: the counts the result was computed from.
+        by: what the rows are: ``"class"``, or ``"group"`` when ``groups`` were given
+            (then ``classes`` holds the group of each row and every per-row field is
+            per group).
+        opis_interval: percentile bootstrap interval ``(lo, hi)`` of OPIS (resampling
+            the rows' classes or groups), ``None`` without ``bootstrap``.
+        eps_opis_interval: the same for ε-OPIS.
+        confidence: the intervals' level (``None`` without them).
     """
 
     opis: float
@@ -176,6 +185,10 @@ class OPISResult:
     higher_is_closer: bool = True
     state: OPISState | None = field(default=None, repr=False)
     _class_utility: Tensor | None = field(default=None, repr=False)
+    by: str = "class"
+    opis_interval: tuple[float, float] | None = None
+    eps_opis_interval: tuple[float, float] | None = None
+    confidence: float | None = None
 
     @property
     def class_utility(self) -> Tensor:
@@ -339,8 +352,16 @@ def opis(
     collect_limit: int = COLLECT_LIMIT,
     retain_limit: int = 1 << 27,
     seed: int = 0,
+    groups: Tensor | None = None,
+    bootstrap: int = 0,
+    confidence: float = 0.95,
 ) -> OPISResult:
     """OPIS and ε-OPIS of queries against references (definitions: the concepts page).
+
+    With ``groups`` the rows are groups instead of classes: a group's pairs are the pairs
+    whose query belongs to it, its curve is F-β over the same calibration range and grid,
+    and OPIS / ε-OPIS are taken across groups (groups without a positive pair excluded);
+    ``groups=query_labels`` gives the class OPIS.
 
     Args:
         queries: ``(N, D)`` float embeddings (this rank's shard when ``distributed``).
@@ -367,7 +388,13 @@ def opis(
         retain_limit: most memory, in scores' worth, of the gathered pairs kept between
             the FAR search and the counting (4 bytes a score in float32; a positive or
             self pair also keeps an 8-byte row); above it counting is a second pass.
-        seed: seed of the guide's random query sample.
+        seed: seed of the guide's random query sample and of the bootstrap.
+        groups: ``(N,)`` a group id per query (any label-like dtype, tensor or NumPy),
+            at least two groups; ``None`` for classes.
+        bootstrap: ``B`` replicates for percentile intervals on OPIS and ε-OPIS
+            (resampling the classes, or the groups), ``0`` for none. They come from the
+            pass's counts: no second pass over the pairs.
+        confidence: the intervals' level in (0, 1).
 
     Returns:
         An :class:`OPISResult`. With no negative pair the FAR range is undefined and the
@@ -380,6 +407,7 @@ def opis(
     """
     validation.check_opis_settings(calibration_range, far_range, num_thresholds, beta, epsilon)
     validation.check_chunk_size(chunk_size)
+    check_bootstrap_settings(bootstrap, confidence, seed)
     sets = prepare_sets(
         queries,
         query_labels,
@@ -389,6 +417,7 @@ def opis(
         query_offset=query_offset,
         require_direction=score_fn is cosine_similarity_scores,
         distributed=distributed,
+        groups=groups,
     )
     return opis_of_sets(
         sets,
@@ -404,6 +433,8 @@ def opis(
         collect_limit=collect_limit,
         retain_limit=retain_limit,
         seed=seed,
+        bootstrap=bootstrap,
+        confidence=confidence,
     )
 
 
@@ -421,15 +452,14 @@ class Evaluation:
     Attributes:
         opis: the :class:`OPISResult`.
         threshold: the closeness threshold of ``target_far`` (``None`` without one).
-        classes: ``(C,)`` int64 class ids of the rows of ``counts``.
-        counts: ``(false_accepts, false_rejects, negatives, positives)`` per class at
-            ``threshold``, ``(C,)`` int64 each (``None`` without a threshold).
+        classes: ``(C,)`` int64 sorted query class ids (``errors.classes`` index them).
+        errors: this rank's per-query counts at ``threshold`` (``None`` without one).
     """
 
     opis: OPISResult
     threshold: float | None = None
     classes: Tensor | None = None
-    counts: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+    errors: QueryErrors | None = None
 
 
 def evaluate_sets(
@@ -448,12 +478,15 @@ def evaluate_sets(
     collect_limit: int = COLLECT_LIMIT,
     retain_limit: int = 1 << 27,
     seed: int = 0,
+    bootstrap: int = 0,
+    confidence: float = 0.95,
 ) -> Evaluation:
     """OPIS and, with ``target_far``, the threshold of that FAR with its per-class error
     counts, from one guide and one pass: the three FAR ranks (``far_range`` and
     ``target_far``) are searched together, and the per-class pairs at the threshold are
     counted with the grid (same numbers as :func:`opis` and
-    :func:`~pml_tcm.functional.calibration.calibrate_closeness_threshold`)."""
+    :func:`~pml_tcm.functional.calibration.calibrate_closeness_threshold`). The OPIS rows
+    are the groups when ``sets`` has them; ``bootstrap`` replicates give its intervals."""
     classes = global_classes(sets.query_ids, distributed=distributed)
     stream = PairStream(
         queries=sets.queries,
@@ -465,6 +498,8 @@ def evaluate_sets(
         score_fn=score_fn,
         higher_is_closer=higher_is_closer,
         chunk_size=chunk_size,
+        query_groups=sets.query_groups,
+        num_groups=sets.num_groups,
     )
     retained = None
     threshold = None
@@ -502,16 +537,38 @@ def evaluate_sets(
     state = OPISState(positive_histogram, negative_histogram, positives, negatives)
     if distributed:
         state.all_reduce()
+    units = classes if sets.query_groups is None else torch.arange(sets.num_groups)
     result = opis_compute(
-        state, classes, grid, beta=beta, epsilon=epsilon, higher_is_closer=higher_is_closer
+        state, units, grid, beta=beta, epsilon=epsilon, higher_is_closer=higher_is_closer
     )
-    result.classes = sets.label_values[result.classes]
+    if sets.query_groups is None:
+        result.classes = sets.label_values[result.classes]
+    else:
+        result.classes, result.by = sets.group_values, "group"
+    if bootstrap:
+        opis_values, eps_values = opis_replicates(
+            state, grid, beta=beta, epsilon=epsilon, replicates=bootstrap, seed=seed
+        )
+        result.opis_interval = _pair(percentile_interval(opis_values, confidence))
+        result.eps_opis_interval = _pair(percentile_interval(eps_values, confidence))
+        result.confidence = float(confidence)
     if threshold is None:
         return Evaluation(result)
-    accepted = all_reduce(accepted.contiguous(), distributed=distributed)
     false_accepts, true_accepts = accepted
-    counts = (false_accepts, state.positives - true_accepts, state.negatives, state.positives)
-    return Evaluation(result, threshold, classes, counts)
+    positives, negatives = stream.query_pair_totals()
+    errors = QueryErrors(
+        false_accepts,
+        positives - true_accepts,
+        negatives,
+        positives,
+        stream.query_class,
+        stream.query_group,
+    )
+    return Evaluation(result, threshold, classes, errors)
+
+
+def _pair(interval: Tensor) -> tuple[float, float]:
+    return float(interval[0]), float(interval[1])
 
 
 def _far_thresholds(

@@ -45,6 +45,9 @@ class PreparedSets:
         self_offset: position of query 0 in the reference set when the references
             include the queries (self pairs are skipped), else ``None``.
         references_are_queries: no separate reference set was given.
+        query_groups: ``(N,)`` int64 dense group ids of the queries (``None`` without
+            groups).
+        group_values: ``(U,)`` the group of each id, on the CPU (``None`` without groups).
     """
 
     queries: Tensor
@@ -54,6 +57,12 @@ class PreparedSets:
     label_values: Tensor
     self_offset: int | None
     references_are_queries: bool
+    query_groups: Tensor | None = None
+    group_values: Tensor | None = None
+
+    @property
+    def num_groups(self) -> int:
+        return 0 if self.group_values is None else self.group_values.shape[0]
 
 
 def as_tensor(value: Any, name: str) -> Tensor:
@@ -116,6 +125,7 @@ def prepare_sets(
     query_offset: int = 0,
     require_direction: bool = True,
     distributed: bool = False,
+    groups: Any = None,
     names: tuple[str, str, str, str] = (
         "queries",
         "query_labels",
@@ -137,6 +147,9 @@ def prepare_sets(
         require_direction: refuse zero-norm rows (the score normalises rows).
         distributed: number the labels of all ``torch.distributed`` ranks together
             (1-D labels only), so that every rank's class ids mean the same classes.
+        groups: ``(N,)`` a group id per query (any label-like dtype), or ``None``;
+            numbered like labels (over all ranks when ``distributed``); at least two
+            groups are needed.
         names: the argument names used in error messages, in the order above.
 
     Returns:
@@ -178,6 +191,20 @@ def prepare_sets(
         _check_includes_queries(
             query_set, query_ids, reference_set, reference_ids, query_offset, names
         )
+    query_groups = group_values = None
+    if groups is not None:
+        group_labels = _labels(groups, "groups", query_set.shape[0], q_name)
+        if group_labels.ndim != 1:
+            raise ValueError(
+                f"groups must be 1-D (one group per query), got shape {tuple(group_labels.shape)}"
+            )
+        (query_groups,), group_values = _class_ids([group_labels], ["groups"], distributed)
+        if group_values.shape[0] < 2:
+            raise ValueError(
+                "groups: every query is in one group; give at least two groups (without "
+                "groups the rates are per class)"
+            )
+        query_groups = query_groups.to(query_set.device)
     return PreparedSets(
         queries=query_set,
         query_ids=query_ids,
@@ -186,6 +213,8 @@ def prepare_sets(
         label_values=label_values.cpu(),
         self_offset=self_offset,
         references_are_queries=references is None,
+        query_groups=query_groups,
+        group_values=None if group_values is None else group_values.cpu(),
     )
 
 

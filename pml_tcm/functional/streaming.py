@@ -129,13 +129,16 @@ class Piece:
 class PositiveSlab:
     """The rows ``[start, end)`` of large class ``class_index`` against its own reference
     columns ``[column_start, column_end)``: positive pairs, plus each row's self pair when
-    the references include the queries."""
+    the references include the queries. ``unit_runs`` splits the rows by accounting unit
+    (:attr:`PairStream.query_unit`): ``(first_row, last_row, unit)`` with rows relative
+    to ``start``, one run covering every row when the units are the classes."""
 
     start: int
     end: int
     class_index: int
     column_start: int
     column_end: int
+    unit_runs: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass
@@ -195,6 +198,11 @@ class PairStream:
     into negative-only pieces (the other columns) and one positive slab (its own
     columns). Results do not depend on the order (every count is per class or pooled).
 
+    Every count is kept per *accounting unit* of the query: its class, or its group when
+    ``query_groups`` is given (a group's pairs are the pairs of its queries; within a
+    class the rows are sorted by group, so a large class's slab splits into runs of one
+    group each).
+
     With the default :func:`cosine_similarity_scores` both sets are normalized once and
     every block is written into one reused buffer (a fresh block per chunk costs page
     faults comparable to the matrix product itself); the values are bit-equal to calling
@@ -211,6 +219,9 @@ class PairStream:
         score_fn: scores of a query block against the references.
         higher_is_closer: ``False`` for a distance (closeness = minus the score).
         chunk_size: query rows per block, or ``None`` for :func:`default_chunk_size`.
+        query_groups: ``(N,)`` int64 group ids in ``[0, num_groups)``, or ``None`` to
+            count per class.
+        num_groups: the number of groups (over all ranks), with ``query_groups``.
     """
 
     def __init__(
@@ -225,8 +236,16 @@ class PairStream:
         score_fn: ScoreFn,
         higher_is_closer: bool,
         chunk_size: int | None,
+        query_groups: Tensor | None = None,
+        num_groups: int = 0,
     ) -> None:
-        query_order = torch.argsort(query_labels, stable=True)
+        if query_groups is None:
+            query_order = torch.argsort(query_labels, stable=True)
+        else:  # by class, then by group within a class
+            by_group = torch.argsort(query_groups, stable=True)
+            query_order = by_group.index_select(
+                0, torch.argsort(query_labels.index_select(0, by_group), stable=True)
+            )
         same_sets = references is queries and reference_labels is query_labels
         reference_order = query_order if same_sets else torch.argsort(reference_labels, stable=True)
         self.cosine = score_fn is cosine_similarity_scores
@@ -238,6 +257,11 @@ class PairStream:
         self.reference_labels = reference_labels.index_select(0, reference_order)
         self.classes = classes
         self.query_class = torch.searchsorted(classes, self.query_labels)
+        self.query_group = (
+            None if query_groups is None else query_groups.index_select(0, query_order)
+        )
+        self.query_unit = self.query_class if self.query_group is None else self.query_group
+        self.num_units = classes.shape[0] if query_groups is None else int(num_groups)
         self.self_columns: Tensor | None = None
         if self_offset is not None:
             position = torch.empty_like(reference_order)
@@ -290,11 +314,28 @@ class PairStream:
                         pieces.append(Piece(start, end, 0, first, True))
                     if first + count < width:
                         pieces.append(Piece(start, end, first + count, width, True))
-                    slabs.append(PositiveSlab(start, end, index, first, first + count))
+                    slabs.append(
+                        PositiveSlab(
+                            start, end, index, first, first + count, ((0, end - start, index),)
+                        )
+                    )
                 small_start = row + rows
             row += rows
         small_run(num_queries)
+        if self.query_group is not None:
+            slabs = [self._split_by_unit(slab) for slab in slabs]
         return pieces, slabs
+
+    def _split_by_unit(self, slab: PositiveSlab) -> PositiveSlab:
+        """``slab`` with one unit run per group among its rows (sorted by group)."""
+        units = self.query_unit[slab.start : slab.end]
+        change = (units[1:] != units[:-1]).nonzero().squeeze(1) + 1
+        bounds = [0, *change.cpu().tolist(), slab.end - slab.start]
+        firsts = units.index_select(0, torch.tensor(bounds[:-1], device=units.device))
+        runs = tuple(zip(bounds[:-1], bounds[1:], firsts.cpu().tolist()))
+        return PositiveSlab(
+            slab.start, slab.end, slab.class_index, slab.column_start, slab.column_end, runs
+        )
 
     def pieces(self) -> list[Piece]:
         """The pieces of the main pass, in row order."""
@@ -304,15 +345,22 @@ class PairStream:
         """The positive slabs of the large classes (empty without any)."""
         return self._slabs
 
+    def query_pair_totals(self) -> tuple[Tensor, Tensor]:
+        """``(positives, negatives)`` of each query row (sorted order), ``(N,)`` int64
+        each, from label counts alone (no score)."""
+        same = self.reference_count.index_select(0, self.query_class)
+        positives = same - 1 if self.self_columns is not None else same
+        return positives, self.num_references - same
+
     def pair_totals(self) -> tuple[Tensor, Tensor]:
-        """``(positives, negatives)`` per class, ``(C,)`` int64 each: all pairs of this
-        rank's queries, from label counts alone (no score)."""
-        num_classes = self.classes.shape[0]
-        queries_per_class = torch.bincount(self.query_class, minlength=num_classes)
-        self_pairs = queries_per_class if self.self_columns is not None else 0
-        positives = queries_per_class * self.reference_count - self_pairs
-        negatives = queries_per_class * (self.num_references - self.reference_count)
-        return positives, negatives
+        """``(positives, negatives)`` per accounting unit, ``(U,)`` int64 each: all pairs
+        of this rank's queries, from label counts alone (no score)."""
+        return tuple(self.per_unit(totals) for totals in self.query_pair_totals())
+
+    def per_unit(self, per_row: Tensor) -> Tensor:
+        """Sums of a per-row ``(..., N)`` int64 tensor per accounting unit: ``(..., U)``."""
+        out = per_row.new_zeros(*per_row.shape[:-1], self.num_units)
+        return out.index_add_(-1, self.query_unit, per_row)
 
     def _block_capacity(self) -> int:
         """Scores in the largest block: ``min(chunk_size, N) · M``."""

@@ -130,7 +130,7 @@ def compute_report(
         evaluation.threshold,
         ("far", float(target_far)),
         sets.label_values[evaluation.classes.cpu()],
-        evaluation.counts,
+        evaluation.errors,
     )
     result = evaluation.opis
     # R@1 and MAP@R in bounded memory (pml's k-NN search holds N x max R neighbours)

@@ -1,0 +1,258 @@
+"""Percentile bootstrap intervals from the one-pass counts (no second pass over pairs).
+
+Two resamplings, each reproducible from a seed and independent of how the queries were
+ordered, chunked or sharded:
+
+* :func:`opis_replicates` resamples the *units* of an
+  :class:`~pml_tcm.functional.opis.OPISState` (its classes, or its groups) with
+  replacement: a replicate weights each unit's counts by how often it was drawn, so its
+  pooled curve, OPIS and ε-OPIS are sums of the units' curves (matrix products with the
+  weights). Units without a positive pair are drawn like the others and, as in the point
+  estimate, count in the pooled curve but not in the means.
+* :func:`rate_replicates` resamples *query samples*, each with all its pairs against the
+  fixed reference set, within strata (groups, or classes): per-stratum and pooled FAR/FRR
+  at one threshold, from the per-query counts of
+  :class:`~pml_tcm.functional.calibration.QueryErrors`.
+
+:func:`percentile_interval` turns replicates into an interval.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .far_search import ceil_fraction_of
+
+if TYPE_CHECKING:
+    from .opis import OPISState
+
+REPLICATE_ELEMENTS = 1 << 22
+"""Weights (replicates × units, or × queries) held at a time."""
+
+CLASS_BLOCK_ELEMENTS = 1 << 22
+"""Curve values (float64) computed at a time."""
+
+
+def check_bootstrap_settings(bootstrap: int, confidence: float, seed: int) -> None:
+    """Raise a ``ValueError`` naming the argument."""
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+        raise ValueError(f"bootstrap must be a non-negative integer, got {bootstrap!r}")
+    if bootstrap == 1:
+        raise ValueError("bootstrap must be 0 (no intervals) or at least 2 replicates, got 1")
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)):
+        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+
+
+def percentile_interval(replicates: Tensor, confidence: float) -> Tensor:
+    """``(..., 2)`` float64: the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2``
+    quantiles (linear interpolation) of ``(B, ...)`` replicates, NaN replicates ignored
+    (NaN where every replicate is)."""
+    levels = torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64)
+    quantiles = torch.nanquantile(replicates.to(torch.float64), levels, dim=0)
+    return quantiles.movedim(0, -1)
+
+
+def _draw_counts(num: int, replicates: int, generator: torch.Generator) -> Tensor:
+    """``(replicates, num)`` int64: how often each of ``num`` items is drawn in ``num``
+    draws with replacement, per replicate."""
+    draws = torch.randint(num, (replicates, num), generator=generator)
+    offsets = torch.arange(replicates).unsqueeze(1) * num
+    return torch.bincount((draws + offsets).reshape(-1), minlength=replicates * num).view(
+        replicates, num
+    )
+
+
+def _mean_weights(closeness_grid: Tensor) -> Tensor:
+    """``(G,)`` float64 ``τ`` with ``grid_mean(x) = x @ τ`` (trapezoid weights over the
+    range, or ``1/G`` for a zero-width range)."""
+    grid = closeness_grid.to(torch.float64).cpu()
+    width = float(grid[-1] - grid[0])
+    if width <= 0:
+        return torch.full_like(grid, 1.0 / grid.shape[0])
+    step = torch.diff(grid) / 2
+    weights = torch.zeros_like(grid)
+    weights[:-1] += step
+    weights[1:] += step
+    return weights / width
+
+
+def _f_beta(tp: Tensor, fp: Tensor, positives: Tensor, beta: float) -> Tensor:
+    """F-β of float64 counts, 0 where the denominator is 0 (as ``opis.f_beta``)."""
+    weight = 1.0 + beta * beta
+    denominator = weight * tp + beta * beta * (positives - tp) + fp
+    safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    return torch.where(denominator > 0, weight * tp / safe, torch.zeros_like(denominator))
+
+
+def _cumulative(histogram: Tensor) -> Tensor:
+    """Reversed cumulative sums along the grid, float64 on the CPU."""
+    return histogram.cpu().to(torch.int64).flip(-1).cumsum(-1).flip(-1).to(torch.float64)
+
+
+def opis_replicates(
+    state: OPISState,
+    closeness_grid: Tensor,
+    *,
+    beta: float,
+    epsilon: float,
+    replicates: int,
+    seed: int,
+) -> tuple[Tensor, Tensor]:
+    """OPIS and ε-OPIS of ``replicates`` resamples of the state's units.
+
+    Args:
+        state: an :class:`~pml_tcm.functional.opis.OPISState` (``U`` units, ``G``
+            thresholds), summed over ranks.
+        closeness_grid: ``(G,)`` the state's grid.
+        beta: β of F-β.
+        epsilon: ε of ε-OPIS.
+        replicates: ``B``.
+        seed: the resampling's seed.
+
+    Returns:
+        ``(opis, eps_opis)``, ``(B,)`` float64 each. A replicate with all weight
+        on units without positives has OPIS 0, as the point estimate would.
+    """
+    num_units, grid_size = state.positive_histogram.shape
+    tau = _mean_weights(closeness_grid)
+    positives = state.positives.cpu().to(torch.float64)
+    included = positives > 0
+    class_block = max(1, CLASS_BLOCK_ELEMENTS // max(1, grid_size))
+    blocks = [(a, min(num_units, a + class_block)) for a in range(0, num_units, class_block)]
+
+    def curves(first: int, last: int) -> Tensor:
+        tp = _cumulative(state.positive_histogram[first:last])
+        fp = _cumulative(state.negative_histogram[first:last])
+        return _f_beta(tp, fp, positives[first:last, None], beta)
+
+    mean_utility = torch.zeros(num_units, dtype=torch.float64)
+    mean_square = torch.zeros(num_units, dtype=torch.float64)
+    for first, last in blocks:
+        block = curves(first, last)
+        mean_utility[first:last] = block @ tau
+        mean_square[first:last] = block.square() @ tau
+    inside = included.nonzero().squeeze(1)
+    order = inside[torch.sort(mean_utility[inside], stable=True).indices]  # worst first
+
+    generator = torch.Generator().manual_seed(seed)
+    opis_values = torch.zeros(replicates, dtype=torch.float64)
+    eps_values = torch.zeros(replicates, dtype=torch.float64)
+    step = max(1, REPLICATE_ELEMENTS // max(1, num_units))
+    for start in range(0, replicates, step):
+        count = min(step, replicates - start)
+        weights = _draw_counts(num_units, count, generator).to(torch.float64)
+        pooled_tp = torch.zeros(count, grid_size, dtype=torch.float64)
+        pooled_fp = torch.zeros(count, grid_size, dtype=torch.float64)
+        for first, last in blocks:
+            w = weights[:, first:last]
+            pooled_tp += w @ _cumulative(state.positive_histogram[first:last])
+            pooled_fp += w @ _cumulative(state.negative_histogram[first:last])
+        pooled = _f_beta(pooled_tp, pooled_fp, (weights @ positives).unsqueeze(1), beta)
+        inside_weights = weights * included
+        drawn = inside_weights.sum(1)  # included units drawn (with multiplicity)
+        # ε-OPIS: the worst ⌈ε n⌉ draws along the point estimate's order
+        worst = torch.tensor(
+            [max(1, ceil_fraction_of(epsilon, int(n))) for n in drawn.tolist()],
+            dtype=torch.float64,
+        )
+        ordered = inside_weights[:, order]
+        before = ordered.cumsum(1) - ordered
+        in_worst = torch.zeros_like(weights)
+        in_worst[:, order] = (torch.minimum(ordered, worst[:, None] - before)).clamp_(min=0)
+        weighted = torch.zeros(count, grid_size, dtype=torch.float64)
+        worst_sum = torch.zeros(count, grid_size, dtype=torch.float64)
+        for first, last in blocks:
+            block = curves(first, last)
+            weighted += inside_weights[:, first:last] @ block
+            worst_sum += in_worst[:, first:last] @ block
+        # Σ w ⟨(U_c - P)²⟩ = Σ w ⟨U_c²⟩ - 2 ⟨P · Σ w U_c⟩ + n ⟨P²⟩
+        spread = (
+            inside_weights @ mean_square
+            - 2 * (pooled * weighted) @ tau
+            + drawn * (pooled.square() @ tau)
+        )
+        has = drawn > 0
+        opis_values[start : start + count] = torch.where(
+            has, spread / drawn.clamp(min=1), torch.zeros_like(spread)
+        ).clamp_(min=0)
+        split = worst < drawn
+        rest = (drawn - worst).clamp(min=1)
+        gap = worst_sum / worst[:, None] - (weighted - worst_sum) / rest[:, None]
+        eps_values[start : start + count] = torch.where(
+            split, gap.square() @ tau, torch.zeros_like(drawn)
+        )
+    return opis_values, eps_values
+
+
+def _canonical_order(strata: Tensor, keys: list[Tensor]) -> Tensor:
+    """An order of the rows by stratum, then by the given keys (lexicographic): rows
+    equal in every key are interchangeable, so the resampling does not depend on the
+    order the rows came in."""
+    order = torch.arange(strata.shape[0])
+    for key in [*reversed(keys), strata]:
+        order = order.index_select(0, torch.argsort(key.index_select(0, order), stable=True))
+    return order
+
+
+def rate_replicates(
+    counts: tuple[Tensor, Tensor, Tensor, Tensor],
+    strata: Tensor,
+    num_strata: int,
+    *,
+    replicates: int,
+    seed: int,
+    ties: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """FAR and FRR of ``replicates`` stratified resamples of the query samples.
+
+    Args:
+        counts: ``(false_accepts, false_rejects, negatives, positives)``, ``(N,)`` int64
+            each, one row per query (all ranks).
+        strata: ``(N,)`` int64 stratum of each query in ``[0, num_strata)``; a replicate
+            draws, within each stratum, as many queries as it has, with replacement.
+        num_strata: ``S``.
+        replicates: ``B``.
+        seed: the resampling's seed.
+        ties: ``(N,)`` int64 (e.g. the class) ordering rows before the counts do.
+
+    Returns:
+        ``(far, frr, pooled_far, pooled_frr)``: ``(B, S)``, ``(B, S)``, ``(B,)``, ``(B,)``
+        float64; NaN where a replicate's stratum has no negative (no positive) pair.
+    """
+    stacked = torch.stack([c.cpu().to(torch.int64) for c in counts])
+    strata = strata.cpu().to(torch.int64)
+    keys = ([] if ties is None else [ties.cpu().to(torch.int64)]) + list(stacked)
+    order = _canonical_order(strata, keys)
+    stacked, strata = stacked[:, order].to(torch.float64), strata[order]
+    num_rows = strata.shape[0]
+    sizes = torch.bincount(strata, minlength=num_strata)
+    starts = (torch.cumsum(sizes, 0) - sizes).index_select(0, strata).to(torch.float64)
+    row_sizes = sizes.index_select(0, strata).to(torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    far = torch.empty(replicates, num_strata, dtype=torch.float64)
+    frr = torch.empty_like(far)
+    pooled_far = torch.empty(replicates, dtype=torch.float64)
+    pooled_frr = torch.empty_like(pooled_far)
+    step = max(1, REPLICATE_ELEMENTS // max(1, num_rows))
+    for start in range(0, replicates, step):
+        count = min(step, replicates - start)
+        uniform = torch.rand(count, num_rows, generator=generator, dtype=torch.float64)
+        picked = (starts + torch.minimum((uniform * row_sizes).floor(), row_sizes - 1)).long()
+        sums = torch.zeros(4, count, num_strata, dtype=torch.float64)
+        for slot in range(4):
+            sums[slot].index_add_(1, strata, stacked[slot][picked])
+        false_accepts, false_rejects, negatives, positives = sums
+        nan = torch.full_like(negatives, float("nan"))
+        span = slice(start, start + count)
+        far[span] = torch.where(negatives > 0, false_accepts / negatives.clamp(min=1), nan)
+        frr[span] = torch.where(positives > 0, false_rejects / positives.clamp(min=1), nan)
+        pooled_far[span] = false_accepts.sum(1) / negatives.sum(1)
+        pooled_frr[span] = false_rejects.sum(1) / positives.sum(1)
+    return far, frr, pooled_far, pooled_frr
