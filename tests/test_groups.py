@@ -318,6 +318,7 @@ def test_grouped_tester_passes_the_group_column():
         (torch.zeros(240), "at least two groups"),
         (torch.zeros(240, 2), "groups must be 1-D"),
         ([0, 1] * 120, "groups must be a torch.Tensor or a NumPy array"),
+        (np.array(["north", "south"] * 120), "groups must hold numbers.*return_inverse"),
     ],
 )
 def test_bad_groups_name_the_argument(groups, message):
