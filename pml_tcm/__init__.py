@@ -39,10 +39,12 @@ from .miner import TCMMiner
 from .plotting import plot_utility_curves
 from .provenance import VERSION as __version__
 from .regularizer import TCMRegularizer
+from .testers import GroupedEmbeddingSpaceTester
 from .wrapping import with_tcm
 
 __all__ = [
     "CalibrationReport",
+    "GroupedEmbeddingSpaceTester",
     "OPISAccuracyCalculator",
     "TCMMiner",
     "TCMRegularizer",

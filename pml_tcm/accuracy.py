@@ -13,6 +13,7 @@ from torch import Tensor
 from ._scores import needs_direction, score_function
 from ._sharding import check_shard_queries, data_fingerprint, query_shard
 from .functional import validation
+from .functional.bootstrap import check_bootstrap_settings
 from .functional.opis import OPISResult, opis_of_sets
 from .functional.prepare import PreparedSets, prepare_sets
 
@@ -49,6 +50,14 @@ class OPISAccuracyCalculator(AccuracyCalculator):
     every metric is exact for int8…int64 (any magnitude, negative too), unsigned, bool
     and float labels; :attr:`last_result` ``.classes`` holds the labels as given.
 
+    Groups: ``get_accuracy(..., groups=g)`` (a group id per query, e.g. the customer)
+    computes the OPIS metrics across groups instead of classes (a group's pairs are the
+    pairs of its queries; see :func:`pml_tcm.functional.opis`), so
+    ``HookContainer(primary_metric="neg_opis")`` selects on group OPIS; pml's own metrics
+    are unchanged. Inside pml's testers use :class:`pml_tcm.GroupedEmbeddingSpaceTester`,
+    which takes the groups from a label column. ``bootstrap=B`` adds percentile intervals
+    to :attr:`last_result` (``opis_interval``, ``eps_opis_interval``).
+
     A custom ``label_comparison_fn`` works as in pml; OPIS needs classes (equality), so
     the OPIS metrics (``"opis"``, ``"eps_opis"``, ``"neg_opis"``, ``"neg_eps_opis"``) are
     then left out of the default metrics, and asking for one in ``include`` raises a
@@ -76,6 +85,10 @@ class OPISAccuracyCalculator(AccuracyCalculator):
             settings (checked first, in one small collective: a mismatch is a
             ``ValueError`` on every rank). ``"auto"`` is ``True`` when a group with
             several ranks is initialised.
+        bootstrap: ``B`` replicates of percentile intervals on OPIS and ε-OPIS (classes,
+            or groups, resampled; no second pass), ``0`` (default) for none.
+        confidence: the intervals' level in (0, 1).
+        seed: the bootstrap's seed.
         **kwargs: pml's ``AccuracyCalculator`` arguments (``include``, ``exclude``,
             ``return_per_class``, ``k``, ``device``, ...).
 
@@ -94,6 +107,9 @@ class OPISAccuracyCalculator(AccuracyCalculator):
         distance: BaseDistance | None = None,
         chunk_size: int | None = None,
         shard_queries: bool | str = False,
+        bootstrap: int = 0,
+        confidence: float = 0.95,
+        seed: int = 0,
         **kwargs: Any,
     ) -> None:
         validation.check_opis_settings(calibration_range, far_range, num_thresholds, beta, epsilon)
@@ -106,6 +122,8 @@ class OPISAccuracyCalculator(AccuracyCalculator):
             distance = CosineSimilarity()
         validation.check_chunk_size(chunk_size)
         check_shard_queries(shard_queries)
+        check_bootstrap_settings(bootstrap, confidence, seed)
+        self.bootstrap, self.confidence, self.seed = bootstrap, confidence, seed
         self.calibration_range = calibration_range
         self.far_range = tuple(far_range)
         self.num_thresholds = num_thresholds
@@ -136,8 +154,14 @@ class OPISAccuracyCalculator(AccuracyCalculator):
         ref_includes_query: bool = False,
         include: tuple[str, ...] | list[str] = (),
         exclude: tuple[str, ...] | list[str] = (),
+        groups: Any = None,
     ) -> dict:
         """pml's ``get_accuracy``, on sets prepared once for every metric.
+
+        ``groups``: ``(N,)`` a group id per query (any label-like dtype, tensor or NumPy;
+        at least two groups): the OPIS metrics are then taken across groups
+        (``last_result.by == "group"``); ``return_per_class`` is refused with groups (its
+        lists are per class, the OPIS rows would be groups).
 
         The sets go through :func:`~pml_tcm.functional.prepare.prepare_sets` first (NumPy
         or torch; 1-D, 3-D or empty sets, NaN/Inf and zero-norm rows refused naming the
@@ -151,6 +175,11 @@ class OPISAccuracyCalculator(AccuracyCalculator):
         """
         if self.label_comparison_fn is not EQUALITY:
             _refuse_opis_with_custom_comparison(include)
+        if groups is not None and self.return_per_class:
+            raise ValueError(
+                "groups: return_per_class lists per class, while with groups the OPIS "
+                "rows are groups; read calculator.last_result for the per-group curves"
+            )
         sets = prepare_sets(
             query,
             query_labels,
@@ -158,6 +187,7 @@ class OPISAccuracyCalculator(AccuracyCalculator):
             reference_labels,
             ref_includes_query=ref_includes_query,
             require_direction=needs_direction(self.distance),
+            groups=groups,
             names=("query", "query_labels", "reference", "reference_labels"),
         )
         if len(sets.label_values) > MAX_FLOAT32_CLASSES:
@@ -226,6 +256,7 @@ class OPISAccuracyCalculator(AccuracyCalculator):
             queries=sets.queries[start:end],
             query_ids=sets.query_ids[start:end],
             self_offset=None if sets.self_offset is None else sets.self_offset + start,
+            query_groups=None if sets.query_groups is None else sets.query_groups[start:end],
         )
         result = opis_of_sets(
             shard,
@@ -238,6 +269,9 @@ class OPISAccuracyCalculator(AccuracyCalculator):
             higher_is_closer=self.distance.is_inverted,
             chunk_size=self.chunk_size,
             distributed=distributed,
+            bootstrap=self.bootstrap,
+            confidence=self.confidence,
+            seed=self.seed,
         )
         if in_call:
             self.last_result = result
@@ -247,8 +281,11 @@ class OPISAccuracyCalculator(AccuracyCalculator):
         """What every rank must agree on before a sharded evaluation."""
         if self.shard_queries is False:
             return ()
+        arrays = [sets.queries, sets.query_ids, sets.references, sets.reference_ids]
+        if sets.query_groups is not None:
+            arrays.append(sets.query_groups)
         return (
-            data_fingerprint(sets.queries, sets.query_ids, sets.references, sets.reference_ids),
+            data_fingerprint(*arrays),
             self.calibration_range,
             self.far_range,
             self.num_thresholds,
@@ -256,6 +293,9 @@ class OPISAccuracyCalculator(AccuracyCalculator):
             self.epsilon,
             type(self.distance).__name__,
             self.chunk_size,
+            self.bootstrap,
+            self.confidence,
+            self.seed,
         )
 
     def calculate_opis(

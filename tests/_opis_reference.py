@@ -22,8 +22,10 @@ def naive_opis(
     num_thresholds=1000,
     beta=1.0,
     epsilon=0.1,
+    query_units=None,
 ):
-    """closeness: (N, M) float64 closeness scores (similarity, or minus the distance)."""
+    """closeness: (N, M) float64 closeness scores (similarity, or minus the distance);
+    query_units: (N,) the row of each query (its group), default its label."""
     n, m = closeness.shape
     valid = np.ones((n, m), dtype=bool)
     if self_offset is not None:
@@ -45,7 +47,8 @@ def naive_opis(
     else:
         lo, hi = calibration_range
     grid = np.linspace(lo, hi, num_thresholds)
-    classes = np.unique(query_labels)
+    units = query_labels if query_units is None else np.asarray(query_units)
+    classes = np.unique(units)
 
     def utility(mask_pos, mask_neg):
         s_pos = closeness[mask_pos]
@@ -65,7 +68,7 @@ def naive_opis(
     u_all, _ = utility(pos, neg)
     curves, included = [], []
     for c in classes:
-        rows = (query_labels == c)[:, None]
+        rows = (units == c)[:, None]
         u, npos = utility(pos & rows, neg & rows)
         curves.append(u)
         included.append(npos > 0)

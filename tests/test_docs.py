@@ -472,5 +472,9 @@ def test_readme_links_resolve() -> None:
         assert path.is_file(), f"README links to missing {target}"
         if anchor:
             headings = re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), flags=re.M)
-            slugs = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
+            # a heading's id: its explicit attr_list id ("{ #name }"), else its slug
+            explicit = {m.group(1) for h in headings if (m := re.search(r"\{ *#([\w-]+) *\}", h))}
+            slugs = explicit | {
+                re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings
+            }
             assert anchor[1:] in slugs, f"README links to missing {target}{anchor}"

@@ -49,6 +49,35 @@ def _single(embeddings, labels, **kwargs) -> dict:
     return _summary(metrics, report)
 
 
+def _shared_groups():
+    return torch.randint(0, 4, (101,), generator=torch.Generator().manual_seed(8)) * 10
+
+
+def _grouped(embeddings, labels, groups, **kwargs) -> dict:
+    """Group OPIS (calculator) and per-group rates (calibration), with intervals."""
+    calculator = OPISAccuracyCalculator(include=("opis", "eps_opis"), bootstrap=200, **kwargs)
+    metrics = calculator.get_accuracy(embeddings, labels, groups=groups)
+    result = calculator.last_result
+    shard = kwargs.get("shard_queries", False)
+    report = calibrate_threshold(
+        embeddings, labels, target_far=0.05, shard_queries=shard, groups=groups, bootstrap=200
+    )
+    rates = report.groups
+    return {
+        "opis": metrics["opis"],
+        "eps_opis": metrics["eps_opis"],
+        "opis_interval": list(result.opis_interval),
+        "eps_opis_interval": list(result.eps_opis_interval),
+        "threshold": report.threshold,
+        "group_far": rates.far.tolist(),
+        "group_frr": rates.frr.tolist(),
+        "group_far_interval": rates.far_interval.tolist(),
+        "group_frr_interval": rates.frr_interval.tolist(),
+        "far_interval": list(report.far_interval),
+        "frr_interval": list(report.frr_interval),
+    }
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str, scenario: str) -> None:
     dist.init_process_group(
         "gloo",
@@ -68,6 +97,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, scenario: str) 
             dist.barrier()
         elif scenario == "sharded":  # one set, split over the ranks
             out = _single(*_shared_data(), shard_queries=True)
+        elif scenario == "sharded_groups":
+            out = _grouped(*_shared_data(), _shared_groups(), shard_queries=True)
         elif scenario == "mismatch":  # sharding asked for, but each rank has other data
             try:
                 _single(*_rank_data(rank), shard_queries=True)
@@ -115,3 +146,18 @@ def test_ranks_that_disagree_all_get_an_error(tmp_path):
     results = _run("mismatch", 2, tmp_path)
     for got in results:
         assert got["error"] is not None and "shard_queries" in got["error"]
+
+
+def test_sharded_groups_equal_one_process(tmp_path):
+    results = _run("sharded_groups", 2, tmp_path)
+    expected = _grouped(*_shared_data(), _shared_groups())
+    for got in results:
+        assert got["threshold"] == expected["threshold"]
+        for key in ("group_far", "group_frr", "group_far_interval", "group_frr_interval"):
+            assert got[key] == expected[key], key
+        for key in ("far_interval", "frr_interval"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-12), key
+        for key in ("opis", "eps_opis"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-12, abs=1e-15), key
+        for key in ("opis_interval", "eps_opis_interval"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-15), key

@@ -86,7 +86,21 @@ def problems(draw):
         epsilon=draw(st.sampled_from([0.1, 0.3, 0.5, 0.9])),
         collect_limit=draw(st.sampled_from([1, 3, 50, 1 << 24])),
         retain_limit=draw(st.sampled_from([0, 1 << 24])),
+        groups=draw(group_ids(num_queries, gen)),
     )
+
+
+@st.composite
+def group_ids(draw, num_queries, gen):
+    """None (rows are classes), a few groups, or one group per query (many unit runs)."""
+    kind = draw(st.sampled_from(["none", "none", "few", "each"]))
+    if kind == "none" or num_queries < 2:
+        return None
+    if kind == "each":
+        return torch.arange(num_queries).flip(0) * 7
+    groups = torch.randint(0, draw(st.integers(2, 4)), (num_queries,), generator=gen)
+    groups[:2] = torch.tensor([0, 1])  # at least two groups
+    return groups
 
 
 def check_against_naive(p):
@@ -111,6 +125,7 @@ def check_against_naive(p):
         num_thresholds=p["num_thresholds"],
         beta=p["beta"],
         epsilon=p["epsilon"],
+        query_units=None if p.get("groups") is None else p["groups"].numpy(),
     )
     result = opis(
         queries,
@@ -128,7 +143,9 @@ def check_against_naive(p):
         chunk_size=p["chunk_size"],
         collect_limit=p["collect_limit"],
         retain_limit=p["retain_limit"],
+        groups=p.get("groups"),
     )
+    assert result.by == ("class" if p.get("groups") is None else "group")
     expected_range = (expected["lo"], expected["hi"])
     if not higher:
         expected_range = (-expected["hi"], -expected["lo"])

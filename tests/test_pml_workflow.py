@@ -12,7 +12,13 @@ import torch
 from pytorch_metric_learning import losses, miners, testers, trainers
 from pytorch_metric_learning.utils import logging_presets
 
-from pml_tcm import OPISAccuracyCalculator, TCMRegularizer, with_tcm
+from pml_tcm import (
+    GroupedEmbeddingSpaceTester,
+    OPISAccuracyCalculator,
+    TCMRegularizer,
+    with_tcm,
+)
+from pml_tcm.functional import opis
 
 pytest.importorskip("record_keeper")
 pytest.importorskip("tensorboard")
@@ -26,7 +32,14 @@ def _clusters(classes: range, per_class: int, seed: int) -> torch.utils.data.Ten
     return torch.utils.data.TensorDataset(x, labels)
 
 
-def _train(tmp_path: Path, primary_metric: str, epochs: int, patience: int | None):
+def _with_groups(dataset: torch.utils.data.TensorDataset) -> torch.utils.data.TensorDataset:
+    """The same samples with label rows (class, group): three customers."""
+    x, labels = dataset.tensors
+    groups = torch.arange(len(labels)) % 3 * 10
+    return torch.utils.data.TensorDataset(x, torch.stack([labels, groups], dim=1))
+
+
+def _train(tmp_path: Path, primary_metric: str, epochs: int, patience: int | None, grouped=False):
     torch.manual_seed(0)
     record_keeper, _, _ = logging_presets.get_record_keeper(
         str(tmp_path / "logs"), str(tmp_path / "tensorboard")
@@ -40,13 +53,17 @@ def _train(tmp_path: Path, primary_metric: str, epochs: int, patience: int | Non
         device=torch.device("cpu"),
         far_range=(1e-2, 1e-1),
     )
-    tester = testers.GlobalEmbeddingSpaceTester(
+    tester_class = GroupedEmbeddingSpaceTester if grouped else testers.GlobalEmbeddingSpaceTester
+    tester = tester_class(
         end_of_testing_hook=hooks.end_of_testing_hook,
         accuracy_calculator=calculator,
         dataloader_num_workers=0,
         batch_size=64,
     )
     val = _clusters(range(6, 10), 30, seed=2)
+    train = _clusters(range(6), 40, seed=1)
+    if grouped:
+        val, train = _with_groups(val), _with_groups(train)
     end_of_epoch_hook = hooks.end_of_epoch_hook(
         tester, {"val": val}, str(tmp_path / "models"), test_interval=1, patience=patience
     )
@@ -61,7 +78,7 @@ def _train(tmp_path: Path, primary_metric: str, epochs: int, patience: int | Non
         batch_size=32,
         loss_funcs={"metric_loss": loss},
         mining_funcs={"tuple_miner": miners.MultiSimilarityMiner(epsilon=0.1)},
-        dataset=_clusters(range(6), 40, seed=1),
+        dataset=train,
         dataloader_num_workers=0,
         end_of_iteration_hook=hooks.end_of_iteration_hook,
         end_of_epoch_hook=end_of_epoch_hook,
@@ -133,3 +150,29 @@ def test_patience_counts_from_the_lowest_opis_epoch(tmp_path):
     saved = torch.load(models / f"trunk_best{best}.pth")
     for name, value in trainer.models["trunk"].state_dict().items():
         assert torch.equal(value, saved[name])
+
+
+def test_grouped_tester_in_the_training_loop_keeps_the_lowest_group_opis_epoch(tmp_path):
+    hooks, tester, trainer = _train(tmp_path, "neg_opis", epochs=3, patience=None, grouped=True)
+    db = tmp_path / "logs" / "logs.db"
+    with sqlite3.connect(db) as connection:
+        table = next(
+            r[0]
+            for r in connection.execute("SELECT name FROM sqlite_master")
+            if r[0].endswith("VAL_vs_self")
+        )
+    epochs = {
+        r["epoch"]: r["opis_level0"] for r in _rows(db, table) if r.get("opis_level0") is not None
+    }
+    assert sorted(epochs) == [1, 2, 3]
+    best = min(epochs, key=epochs.get)
+    assert hooks.get_best_epoch_and_accuracy(tester, "val")[0] == best
+    # the last epoch's record is the group OPIS of the trained model's embeddings
+    x, rows = _with_groups(_clusters(range(6, 10), 30, seed=2)).tensors
+    with torch.no_grad():
+        embeddings = trainer.models["trunk"](x)
+    expected = opis(embeddings, rows[:, 0], groups=rows[:, 1], far_range=(1e-2, 1e-1))
+    assert epochs[3] == pytest.approx(expected.opis, rel=1e-4)
+    assert expected.opis != pytest.approx(
+        opis(embeddings, rows[:, 0], far_range=(1e-2, 1e-1)).opis, rel=1e-3
+    )

@@ -313,7 +313,6 @@ def test_bad_settings_name_the_argument(kwargs, phrase):
     [
         (torch.randn(30), torch.zeros(30).long(), "2-D"),
         (torch.randn(0, 4), torch.zeros(0).long(), "empty"),
-        (torch.randint(0, 3, (30, 4)), torch.zeros(30).long(), "floating"),
         (torch.randn(30, 4), torch.full((30,), float("nan")), "NaN"),
         (torch.randn(30, 4), torch.zeros(30, dtype=torch.complex64), "real"),
         (torch.randn(30, 4), torch.zeros(29).long(), "query_labels"),
@@ -324,3 +323,17 @@ def test_bad_settings_name_the_argument(kwargs, phrase):
 def test_bad_sets_name_the_argument(query, labels, phrase):
     with pytest.raises(ValueError, match=phrase):
         retrieval_metrics(query, labels)
+
+
+def test_sets_are_prepared_as_for_opis():
+    # one preparation for every evaluation entry point: NumPy, integers and half precision
+    # scored in float32, inputs that require grad evaluated without it
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-3, 4, (40, 4), generator=gen)
+    x[(x == 0).all(dim=1), 0] = 1
+    y = torch.randint(0, 4, (40,), generator=gen)
+    expected = retrieval_metrics(x.float(), y)
+    assert retrieval_metrics(x, y) == expected
+    assert retrieval_metrics(x.numpy(), y.numpy()) == expected
+    assert retrieval_metrics(x.half(), y) == expected
+    assert retrieval_metrics(x.float().requires_grad_(), y) == expected

@@ -230,29 +230,26 @@ def rate_replicates(
     strata = strata.cpu().to(torch.int64)
     keys = ([] if ties is None else [ties.cpu().to(torch.int64)]) + list(stacked)
     order = _canonical_order(strata, keys)
-    stacked, strata = stacked[:, order].to(torch.float64), strata[order]
+    rows = stacked[:, order].T.to(torch.float64).contiguous()  # (N, 4)
+    strata = strata[order]
     num_rows = strata.shape[0]
     sizes = torch.bincount(strata, minlength=num_strata)
     starts = (torch.cumsum(sizes, 0) - sizes).index_select(0, strata).to(torch.float64)
     row_sizes = sizes.index_select(0, strata).to(torch.float64)
     generator = torch.Generator().manual_seed(seed)
-    far = torch.empty(replicates, num_strata, dtype=torch.float64)
-    frr = torch.empty_like(far)
-    pooled_far = torch.empty(replicates, dtype=torch.float64)
-    pooled_frr = torch.empty_like(pooled_far)
+    sums = torch.empty(replicates, num_strata, 4, dtype=torch.float64)
     step = max(1, REPLICATE_ELEMENTS // max(1, num_rows))
     for start in range(0, replicates, step):
         count = min(step, replicates - start)
-        uniform = torch.rand(count, num_rows, generator=generator, dtype=torch.float64)
-        picked = (starts + torch.minimum((uniform * row_sizes).floor(), row_sizes - 1)).long()
-        sums = torch.zeros(4, count, num_strata, dtype=torch.float64)
-        for slot in range(4):
-            sums[slot].index_add_(1, strata, stacked[slot][picked])
-        false_accepts, false_rejects, negatives, positives = sums
-        nan = torch.full_like(negatives, float("nan"))
-        span = slice(start, start + count)
-        far[span] = torch.where(negatives > 0, false_accepts / negatives.clamp(min=1), nan)
-        frr[span] = torch.where(positives > 0, false_rejects / positives.clamp(min=1), nan)
-        pooled_far[span] = false_accepts.sum(1) / negatives.sum(1)
-        pooled_frr[span] = false_rejects.sum(1) / positives.sum(1)
+        # a uniform draw within the row's stratum: start + ⌊u · size⌋ (u < 1)
+        picked = torch.rand(count, num_rows, generator=generator, dtype=torch.float64)
+        picked.mul_(row_sizes).floor_().add_(starts)
+        drawn = rows.index_select(0, picked.view(-1).long()).view(count, num_rows, 4)
+        sums[start : start + count].zero_().index_add_(1, strata, drawn)
+    false_accepts, false_rejects, negatives, positives = sums.unbind(-1)
+    nan = torch.full_like(negatives, float("nan"))
+    far = torch.where(negatives > 0, false_accepts / negatives.clamp(min=1), nan)
+    frr = torch.where(positives > 0, false_rejects / positives.clamp(min=1), nan)
+    pooled_far = false_accepts.sum(1) / negatives.sum(1)
+    pooled_frr = false_rejects.sum(1) / positives.sum(1)
     return far, frr, pooled_far, pooled_frr

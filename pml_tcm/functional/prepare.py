@@ -75,7 +75,10 @@ def as_tensor(value: Any, name: str) -> Tensor:
         return value
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
-            raise ValueError(f"{name} must hold numbers, got dtype {value.dtype}")
+            hint = ""
+            if value.dtype.kind in "USO":  # names (e.g. customers): ids first
+                hint = " (map names to integer ids first: np.unique(names, return_inverse=True))"
+            raise ValueError(f"{name} must hold numbers, got dtype {value.dtype}{hint}")
         return torch.from_numpy(np.ascontiguousarray(value))
     raise ValueError(f"{name} must be a torch.Tensor or a NumPy array, got {type(value).__name__}")
 

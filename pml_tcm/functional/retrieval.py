@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from . import validation
-from .labels import dense_class_ids
 from .normalize import unit_rows_into
+from .prepare import PreparedSets, prepare_sets
 from .streaming import unit_products
 
 RETRIEVAL_METRICS = ("precision_at_1", "mean_average_precision_at_r")
@@ -59,7 +59,9 @@ def retrieval_metrics(
     """Precision@1 and MAP@R of ``query`` against ``ref_emb`` (see the module docstring).
 
     Args:
-        query: ``(N, D)`` floating point (half precision is scored in float32).
+        query: ``(N, D)`` embeddings, a tensor or NumPy array, checked and converted by
+            :func:`~pml_tcm.functional.prepare.prepare_sets` (half precision and
+            integers scored in float32, zero-norm rows refused).
         query_labels: ``(N,)`` labels (or ``(N, K)`` label rows) of any real dtype,
             compared by value (:func:`~pml_tcm.functional.labels.dense_class_ids`).
         ref_emb: ``(M, D)`` references on the same device, or ``None`` for the queries
@@ -82,30 +84,62 @@ def retrieval_metrics(
         ValueError: bad sets or settings.
         RetrievalMemoryError: one query's work needs more than ``max_bytes``.
     """
-    include = _check_include(include)
+    if ref_emb is None and ref_labels is not None:
+        raise ValueError("ref_labels given without ref_emb")
+    _check_settings(include, max_bytes, chunk_size, num_workers)
+    sets = prepare_sets(
+        query,
+        query_labels,
+        ref_emb,
+        ref_labels,
+        ref_includes_query=ref_includes_query,
+        names=("query", "query_labels", "ref_emb", "ref_labels"),
+    )
+    return retrieval_of_sets(
+        sets,
+        include=include,
+        max_bytes=max_bytes,
+        chunk_size=chunk_size,
+        num_workers=num_workers,
+        rows_are_unit=rows_are_unit,
+    )
+
+
+def _check_settings(
+    include: Sequence[str], max_bytes: int, chunk_size: int | None, num_workers: int | None
+) -> None:
+    _check_include(include)
     validation.check_chunk_size(chunk_size)
     for name, value in (("max_bytes", max_bytes), ("num_workers", num_workers)):
         if (value is not None or name == "max_bytes") and (
             not validation.is_integer(value) or value < 1
         ):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if ref_emb is None:
-        if ref_labels is not None:
-            raise ValueError("ref_labels given without ref_emb")
-        ref_emb, ref_labels, ref_includes_query = query, query_labels, True
-    _check_sets(query, query_labels, ref_emb, ref_labels, ref_includes_query)
-    same = ref_emb is query
-    names = ["query_labels"] if same else ["query_labels", "ref_labels"]
-    ids, _ = dense_class_ids([query_labels, ref_labels][: len(names)], names)
-    if ref_includes_query and not same and not torch.equal(ids[1][: len(ids[0])], ids[0]):
-        raise ValueError("ref_includes_query=True needs ref_labels[:N] to be query_labels")
+
+
+def retrieval_of_sets(
+    sets: PreparedSets,
+    *,
+    include: Sequence[str] = RETRIEVAL_METRICS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    chunk_size: int | None = None,
+    num_workers: int | None = None,
+    rows_are_unit: bool = False,
+) -> dict[str, float]:
+    """:func:`retrieval_metrics` of sets already prepared by
+    :func:`~pml_tcm.functional.prepare.prepare_sets` (not checked again; the self pairs
+    must be those of reference rows ``[0, N)``)."""
+    _check_settings(include, max_bytes, chunk_size, num_workers)
+    include = _check_include(include)
+    if sets.self_offset not in (None, 0):
+        raise ValueError("retrieval needs the queries at the start of the references")
     with torch.no_grad():
         return _metrics(
-            query.detach(),
-            ids[0],
-            None if same else ref_emb.detach(),
-            ids[-1],
-            ref_includes_query,
+            sets.queries,
+            sets.query_ids,
+            None if sets.references_are_queries else sets.references,
+            sets.reference_ids,
+            sets.self_offset is not None,
             include,
             max_bytes,
             chunk_size,
@@ -253,35 +287,3 @@ def _check_include(include: Sequence[str]) -> tuple[str, ...]:
     if not include or any(m not in RETRIEVAL_METRICS for m in include):
         raise ValueError(f"include must name metrics from {RETRIEVAL_METRICS}, got {include!r}")
     return tuple(include)
-
-
-def _check_sets(
-    query: Tensor,
-    query_labels: Tensor,
-    ref_emb: Tensor,
-    ref_labels: Tensor,
-    ref_includes_query: bool,
-) -> None:
-    for emb, labels, name, labels_name in (
-        (query, query_labels, "query", "query_labels"),
-        (ref_emb, ref_labels, "ref_emb", "ref_labels"),
-    ):
-        validation.check_embeddings_shape(emb, name)
-        if emb.shape[0] == 0:
-            raise ValueError(f"{name} is empty (0 rows)")
-        if not isinstance(labels, Tensor) or labels.shape[:1] != emb.shape[:1]:
-            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-            raise ValueError(
-                f"{labels_name} must be a tensor of {emb.shape[0]} labels, got {shape}"
-            )
-        validation.check_embeddings_values(emb, name)
-    if ref_emb.shape[1] != query.shape[1]:
-        raise ValueError(f"ref_emb has embedding size {ref_emb.shape[1]}, query {query.shape[1]}")
-    if ref_emb.device != query.device:
-        raise ValueError(f"ref_emb is on {ref_emb.device}, query on {query.device}")
-    if not isinstance(ref_includes_query, bool):
-        raise ValueError(f"ref_includes_query must be a bool, got {ref_includes_query!r}")
-    if ref_includes_query and ref_emb is not query:
-        n = query.shape[0]
-        if not (ref_emb.shape[0] >= n and torch.equal(ref_emb[:n].to(query.dtype), query)):
-            raise ValueError("ref_includes_query=True needs ref_emb[:N] to be the queries")
