@@ -61,7 +61,8 @@ def run(kind: str, x: torch.Tensor, y: torch.Tensor) -> None:
     elif kind == "report":
         from pml_tcm.embedding_report import compute_report
 
-        compute_report(x.cpu().numpy(), y.cpu().numpy(), device=x.device)
+        # (without the default 1000 bootstrap intervals: benchmarks/bootstrap_cost.py times them)
+        compute_report(x.cpu().numpy(), y.cpu().numpy(), device=x.device, bootstrap=0)
     else:
         raise ValueError(kind)
 

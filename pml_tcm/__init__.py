@@ -36,7 +36,7 @@ from .accuracy import OPISAccuracyCalculator
 from .calibration import CalibrationReport, calibrate_threshold
 from .losses import ThresholdConsistentMarginLoss
 from .miner import TCMMiner
-from .plotting import plot_utility_curves
+from .plotting import plot_group_rates, plot_utility_curves
 from .provenance import VERSION as __version__
 from .regularizer import TCMRegularizer
 from .testers import GroupedEmbeddingSpaceTester
@@ -50,6 +50,7 @@ __all__ = [
     "TCMRegularizer",
     "ThresholdConsistentMarginLoss",
     "calibrate_threshold",
+    "plot_group_rates",
     "plot_utility_curves",
     "with_tcm",
     "__version__",

@@ -222,9 +222,9 @@ def test_report_skips_what_does_not_fit_with_one_line(monkeypatch, tmp_path, cap
     np.save(tmp_path / "labels.npy", labels)
     for budget, skipped in ((4000, [MAP]), (2000, [P1, MAP])):
         small = functools.partial(
-            embedding_report.retrieval_metrics, max_bytes=budget, num_workers=1
+            embedding_report.retrieval_of_sets, max_bytes=budget, num_workers=1
         )
-        monkeypatch.setattr(embedding_report, "retrieval_metrics", small)
+        monkeypatch.setattr(embedding_report, "retrieval_of_sets", small)
         report = embedding_report.compute_report(embeddings, labels)
         assert [k for k in RETRIEVAL_METRICS if math.isnan(report.metrics[k])] == skipped
         assert len(report.notes) == 1 and "skipped" in report.notes[0]

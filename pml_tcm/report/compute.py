@@ -5,7 +5,7 @@ The sets are prepared once (:func:`pml_tcm.functional.prepare.prepare_sets`); OP
 guide and one pass over the pairs (:func:`pml_tcm.functional.opis.evaluate_sets`: the
 same numbers as :class:`pml_tcm.OPISAccuracyCalculator` and
 :func:`pml_tcm.calibrate_threshold`), R@1 and MAP@R from the exact bounded-memory
-ranking (:func:`pml_tcm.functional.retrieval.retrieval_metrics`, pml's definitions).
+ranking (:func:`pml_tcm.functional.retrieval.retrieval_of_sets`, pml's definitions).
 Embeddings are L2-normalised first, as pml's testers do, so every number is cosine-based.
 
 With groups that pass gives the group OPIS and each query's counts at the threshold
@@ -28,7 +28,7 @@ from ..functional.bootstrap import check_bootstrap_settings
 from ..functional.normalize import unit_rows_into
 from ..functional.opis import OPISResult, evaluate_sets, opis_of_sets
 from ..functional.prepare import PreparedSets, prepare_sets
-from ..functional.retrieval import RETRIEVAL_METRICS, RetrievalMemoryError, retrieval_metrics
+from ..functional.retrieval import RETRIEVAL_METRICS, RetrievalMemoryError, retrieval_of_sets
 from .inputs import ReportInputError, require_pairs
 
 REPORT_METRICS = ("precision_at_1", "mean_average_precision_at_r", "opis", "eps_opis")
@@ -309,18 +309,13 @@ def _unit_rows(
 
 def _retrieval_metrics(sets: PreparedSets) -> tuple[dict[str, float], list[str]]:
     """R@1 and MAP@R; those that do not fit the memory budget are NaN, with a note."""
-    refs = (None, None)
-    if not sets.references_are_queries:
-        refs = (sets.references, sets.reference_ids)
-    queries, ids, nan = sets.queries, sets.query_ids, float("nan")
+    nan = float("nan")
     try:
-        return retrieval_metrics(queries, ids, *refs, rows_are_unit=True), []
+        return retrieval_of_sets(sets, rows_are_unit=True), []
     except RetrievalMemoryError as error:
         note = f"MAP@R skipped: {error}"
     try:
-        values = retrieval_metrics(
-            queries, ids, *refs, include=("precision_at_1",), rows_are_unit=True
-        )
+        values = retrieval_of_sets(sets, include=("precision_at_1",), rows_are_unit=True)
     except RetrievalMemoryError as error:
         return dict.fromkeys(RETRIEVAL_METRICS, nan), [f"R@1, MAP@R skipped: {error}"]
     return {**values, "mean_average_precision_at_r": nan}, [note]
