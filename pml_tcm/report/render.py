@@ -439,7 +439,7 @@ def text(report: EmbeddingReport, worst: int, width: int = 100) -> str:
                 break_on_hyphens=False,
             )
         for caption, table in group_tables(report, worst):
-            lines += [caption, *table]
+            lines += ["", caption, *table]
     lines += [
         "",
         "worst classes (lowest mean utility over the calibration range; FAR and FRR at the "
