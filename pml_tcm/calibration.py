@@ -109,8 +109,8 @@ class CalibrationReport:
             (queries resampled within their groups, or classes), ``None`` without
             ``bootstrap``.
         frr_interval: the same for the pooled FRR.
-        class_far_interval: ``(C, 2)`` float64 interval of each class's FAR (its
-            queries resampled), ``None`` without ``bootstrap``.
+        class_far_interval: ``(C, 2)`` float64 interval of each class's FAR (the same
+            replicates as the pooled interval), ``None`` without ``bootstrap``.
         class_frr_interval: the same for the per-class FRR.
         groups: the per-group rates (:class:`GroupRates`), ``None`` without ``groups``.
         confidence: the intervals' level (``None`` without them).
@@ -220,8 +220,9 @@ def calibrate_threshold(
             queries), the worst group and the worst-to-best ratio.
         bootstrap: ``B`` replicates for percentile intervals on the pooled, per-class
             and per-group FAR/FRR (queries resampled, each with all its pairs, within
-            their group, or their class), ``0`` for none. The threshold stays fixed:
-            the intervals say how its rates would vary with other queries like these.
+            their group, or within their class without groups), ``0`` for none. The
+            threshold stays fixed: the intervals say how its rates would vary with other
+            queries like these.
         confidence: the intervals' level in (0, 1).
         seed: the bootstrap's seed (reproducible intervals).
 
@@ -417,30 +418,33 @@ def _group_rates(counts: tuple[Tensor, Tensor, Tensor, Tensor], groups: Tensor) 
 def _add_intervals(
     report: CalibrationReport, errors: QueryErrors, bootstrap: int, confidence: float, seed: int
 ) -> None:
-    """Bootstrap intervals: per class (queries resampled within their class), per group
-    and pooled (within their group when there are groups, else within their class)."""
+    """Bootstrap intervals from one resampling of the queries: within their group when
+    there are groups (per-group, per-class and pooled rates from the same replicates),
+    else within their class."""
     counts = errors.counts()
     classes = errors.classes.cpu()
     num_classes = report.classes.shape[0]
-    class_far, class_frr, pooled_far, pooled_frr = rate_replicates(
-        counts, classes, num_classes, replicates=bootstrap, seed=seed
-    )
-    report.class_far_interval = percentile_interval(class_far, confidence)
-    report.class_frr_interval = percentile_interval(class_frr, confidence)
-    if report.groups is not None:
+    if report.groups is None:
+        rates = rate_replicates(counts, classes, num_classes, replicates=bootstrap, seed=seed)
+        class_far, class_frr = rates.far, rates.frr
+    else:
         assert errors.groups is not None
-        group_far, group_frr, pooled_far, pooled_frr = rate_replicates(
+        rates = rate_replicates(
             counts,
             errors.groups.cpu(),
             report.groups.groups.shape[0],
             replicates=bootstrap,
             seed=seed,
-            ties=classes,
+            other=classes,
+            num_other=num_classes,
         )
-        report.groups.far_interval = percentile_interval(group_far, confidence)
-        report.groups.frr_interval = percentile_interval(group_frr, confidence)
-    report.far_interval = _pair(percentile_interval(pooled_far, confidence))
-    report.frr_interval = _pair(percentile_interval(pooled_frr, confidence))
+        class_far, class_frr = rates.other_far, rates.other_frr
+        report.groups.far_interval = percentile_interval(rates.far, confidence)
+        report.groups.frr_interval = percentile_interval(rates.frr, confidence)
+    report.class_far_interval = percentile_interval(class_far, confidence)
+    report.class_frr_interval = percentile_interval(class_frr, confidence)
+    report.far_interval = _pair(percentile_interval(rates.pooled_far, confidence))
+    report.frr_interval = _pair(percentile_interval(rates.pooled_frr, confidence))
     report.confidence = float(confidence)
 
 

@@ -19,7 +19,7 @@ ordered, chunked or sharded:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
@@ -201,6 +201,27 @@ def _canonical_order(strata: Tensor, keys: list[Tensor]) -> Tensor:
     return order
 
 
+class RateReplicates(NamedTuple):
+    """FAR and FRR replicates of :func:`rate_replicates` (float64; NaN where a replicate's
+    stratum, or index, has no negative / positive pair)."""
+
+    far: Tensor  # (B, S) per stratum
+    frr: Tensor
+    pooled_far: Tensor  # (B,)
+    pooled_frr: Tensor
+    other_far: Tensor | None  # (B, K) per value of ``other``, or None
+    other_frr: Tensor | None
+
+
+def _rates(sums: Tensor) -> tuple[Tensor, Tensor]:
+    """FAR and FRR of ``(..., 4)`` summed counts, NaN without negatives / positives."""
+    false_accepts, false_rejects, negatives, positives = sums.unbind(-1)
+    nan = torch.full_like(negatives, float("nan"))
+    far = torch.where(negatives > 0, false_accepts / negatives.clamp(min=1), nan)
+    frr = torch.where(positives > 0, false_rejects / positives.clamp(min=1), nan)
+    return far, frr
+
+
 def rate_replicates(
     counts: tuple[Tensor, Tensor, Tensor, Tensor],
     strata: Tensor,
@@ -208,8 +229,9 @@ def rate_replicates(
     *,
     replicates: int,
     seed: int,
-    ties: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    other: Tensor | None = None,
+    num_other: int = 0,
+) -> RateReplicates:
     """FAR and FRR of ``replicates`` stratified resamples of the query samples.
 
     Args:
@@ -220,36 +242,47 @@ def rate_replicates(
         num_strata: ``S``.
         replicates: ``B``.
         seed: the resampling's seed.
-        ties: ``(N,)`` int64 (e.g. the class) ordering rows before the counts do.
+        other: ``(N,)`` int64 a second index of each query in ``[0, num_other)`` (e.g.
+            its class when the strata are groups): the same replicates' rates per value
+            (a drawn query counts for its own value).
+        num_other: ``K``.
 
     Returns:
-        ``(far, frr, pooled_far, pooled_frr)``: ``(B, S)``, ``(B, S)``, ``(B,)``, ``(B,)``
-        float64; NaN where a replicate's stratum has no negative (no positive) pair.
+        A :class:`RateReplicates`.
     """
     stacked = torch.stack([c.cpu().to(torch.int64) for c in counts])
     strata = strata.cpu().to(torch.int64)
-    keys = ([] if ties is None else [ties.cpu().to(torch.int64)]) + list(stacked)
+    other = None if other is None else other.cpu().to(torch.int64)
+    keys = ([] if other is None else [other]) + list(stacked)
     order = _canonical_order(strata, keys)
     rows = stacked[:, order].T.to(torch.float64).contiguous()  # (N, 4)
     strata = strata[order]
+    other = None if other is None else other[order]
     num_rows = strata.shape[0]
     sizes = torch.bincount(strata, minlength=num_strata)
     starts = (torch.cumsum(sizes, 0) - sizes).index_select(0, strata).to(torch.float64)
     row_sizes = sizes.index_select(0, strata).to(torch.float64)
     generator = torch.Generator().manual_seed(seed)
     sums = torch.empty(replicates, num_strata, 4, dtype=torch.float64)
+    other_sums = None if other is None else torch.empty(replicates, num_other, 4)
+    if other_sums is not None:
+        other_sums = other_sums.to(torch.float64)
     step = max(1, REPLICATE_ELEMENTS // max(1, num_rows))
     for start in range(0, replicates, step):
         count = min(step, replicates - start)
         # a uniform draw within the row's stratum: start + ⌊u · size⌋ (u < 1)
         picked = torch.rand(count, num_rows, generator=generator, dtype=torch.float64)
-        picked.mul_(row_sizes).floor_().add_(starts)
-        drawn = rows.index_select(0, picked.view(-1).long()).view(count, num_rows, 4)
-        sums[start : start + count].zero_().index_add_(1, strata, drawn)
-    false_accepts, false_rejects, negatives, positives = sums.unbind(-1)
-    nan = torch.full_like(negatives, float("nan"))
-    far = torch.where(negatives > 0, false_accepts / negatives.clamp(min=1), nan)
-    frr = torch.where(positives > 0, false_rejects / positives.clamp(min=1), nan)
-    pooled_far = false_accepts.sum(1) / negatives.sum(1)
-    pooled_frr = false_rejects.sum(1) / positives.sum(1)
-    return far, frr, pooled_far, pooled_frr
+        picked = picked.mul_(row_sizes).floor_().add_(starts).view(-1).long()
+        drawn = rows.index_select(0, picked)
+        sums[start : start + count].zero_().index_add_(1, strata, drawn.view(count, num_rows, 4))
+        if other_sums is not None:
+            keys = other.index_select(0, picked).view(count, num_rows)
+            keys += torch.arange(count).unsqueeze(1) * num_other
+            block = other_sums[start : start + count].zero_().view(-1, 4)
+            block.index_add_(0, keys.view(-1), drawn)
+    far, frr = _rates(sums)
+    pooled_far, pooled_frr = _rates(sums.sum(1))
+    other_far = other_frr = None
+    if other_sums is not None:
+        other_far, other_frr = _rates(other_sums)
+    return RateReplicates(far, frr, pooled_far, pooled_frr, other_far, other_frr)
