@@ -15,9 +15,10 @@ through the per-class totals, which come from label counts without any score
 A sync-free stream (:attr:`~pml_tcm.functional.streaming.PairStream.sync_free`, off the
 CPU) is counted densely instead: every pair of every tile gets its bucket (a
 ``searchsorted`` on the rounded-up grid: the same exact comparisons, NaN in bucket 0),
-its key ``unit · (G + 1) + bucket`` is offset by ``U · (G + 1)`` for a negative pair, and
-one ``index_add_`` per tile (the self pairs weighted 0) counts positives and negatives
-together: no ``nonzero``, no ``bincount``, no host sync, the same counts.
+its key ``unit · (G + 1) + bucket`` is offset by ``U · (G + 1)`` for a negative pair (a
+pair below the grid goes to a dump slot instead), and one ``index_add_`` per tile (the
+self pairs weighted 0) counts positives and negatives together: no ``nonzero``, no
+``bincount``, no host sync, the same counts.
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .streaming import ChunkPairs, DenseTile, PairStream, PositiveSlab, ceil_to_dtype
+from .streaming import (
+    DUMP_SLOTS,
+    ChunkPairs,
+    DenseTile,
+    PairStream,
+    PositiveSlab,
+    ceil_to_dtype,
+    dump_slots,
+)
 
 
 def ceil_grid(grid: Tensor, dtype: torch.dtype) -> Tensor:
@@ -118,8 +127,13 @@ class _GridCounter:
         dtype = torch.int32 if most < 2**31 else torch.int64
         self.positive = _KeyCounts(size, device, dtype)
         self.negative = _KeyCounts(size, device, dtype)
-        # sync-free counting: positive keys in [0, size), negative ones in [size, 2 size)
-        self.dense = torch.zeros(2 * size, dtype=dtype, device=device) if stream.sync_free else None
+        # sync-free counting: positive keys in [0, size), negative ones in [size, 2 size),
+        # then the dump slots of the pairs below the grid
+        self.dense = (
+            torch.zeros(2 * size + DUMP_SLOTS, dtype=dtype, device=device)
+            if stream.sync_free
+            else None
+        )
 
     def add(self, pairs: ChunkPairs) -> None:
         """Count the pairs of one chunk (gathered at or below ``g_0``)."""
@@ -142,13 +156,15 @@ class _GridCounter:
         assert self.dense is not None
         stride = self.grid_size + 1
         size = self.num_classes * stride
-        keys = self.dense_buckets(tile.scores)
-        keys += self.stream.query_unit[tile.start : tile.end, None] * stride
+        buckets = self.dense_buckets(tile.scores)
+        keys = buckets + self.stream.query_unit[tile.start : tile.end, None] * stride
         negative = tile.negative()
         if negative is None:
             keys += size
         else:
             keys += negative.to(torch.int64) * size
+        below = dump_slots(keys.numel(), 2 * size, keys.device).view(keys.shape)
+        keys = torch.where(buckets == 0, below, keys)  # (bucket 0 is never read)
         if tile.self_pair is None:
             weights = torch.ones((), dtype=self.dense.dtype, device=keys.device)
             weights = weights.expand(keys.numel())
@@ -230,7 +246,8 @@ class _GridCounter:
         the counts: no copy)."""
         shape = (self.num_classes, self.grid_size + 1)
         if self.dense is not None:
-            positive, negative = self.dense.view(2, *shape).unbind(0)
+            counted = self.dense[: 2 * shape[0] * shape[1]]
+            positive, negative = counted.view(2, *shape).unbind(0)
             return positive[:, 1:], negative[:, 1:]
         positive = self.positive.total().view(shape)[:, 1:]
         negative = self.negative.total().view(shape)[:, 1:]

@@ -29,9 +29,10 @@ On a sync-free stream (:attr:`~pml_tcm.functional.streaming.PairStream.sync_free
 the CPU) the exact pass reads every pair of each tile with its label masks: the counts
 are dense sums, the pivot pieces one ``index_add_``, and the negatives in the bracket are
 written into a fixed-capacity device buffer at positions from a running count and a
-cumulative sum of the mask (one ``index_put_``; past the capacity they go to a dump
-slot). The host reads the counts once per pass, so the number of syncs does not depend on
-the number of queries or of chunks; nothing is retained (the counting is a dense pass).
+cumulative sum of the mask (one ``index_put_``; the other scores, and those past the
+capacity, go to dump slots). The host reads the counts once per pass, so the number of
+syncs does not depend on the number of queries or of chunks; nothing is retained (the
+counting is a dense pass).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import torch
 from torch import Tensor
 
 from .collectives import all_gather_values, all_reduce
-from .streaming import ChunkPairs, DenseTile, PairStream, ceil_to_dtype
+from .streaming import DUMP_SLOTS, ChunkPairs, DenseTile, PairStream, ceil_to_dtype, dump_slots
 
 GUIDE_FRACTION = 16
 GUIDE_BINS = 1 << 16
@@ -217,15 +218,15 @@ class _PassTally:
         self.collected_size = [0] * len(targets)
         self.overflow: Tensor | None = None
         self._pivots = [None if t.pivots is None else t.pivots.to(device) for t in targets]
-        # sync-free collection: per bracket, a buffer of dense_capacity values and a dump
-        # slot, initialized to -0.0 so that adding a value into its slot writes it exactly
+        # sync-free collection: per bracket, a buffer of dense_capacity values, then the
+        # dump slots of the scores not collected
         self.dense_capacity = dense_capacity
         self._buffers: dict[tuple[float, float], tuple[Tensor, Tensor]] = {}
         if dense_capacity is not None:
             for target in targets:
                 bracket = (target.lo, target.hi)
                 if target.pivots is None and bracket not in self._buffers:
-                    buffer = torch.full((dense_capacity + 1,), -0.0, dtype=dtype, device=device)
+                    buffer = torch.empty(dense_capacity + DUMP_SLOTS, dtype=dtype, device=device)
                     filled = torch.zeros((), dtype=torch.int64, device=device)
                     self._buffers[bracket] = (buffer, filled)
 
@@ -290,11 +291,13 @@ class _PassTally:
     def _collect(self, bracket: tuple[float, float], inside: Tensor, scores: Tensor) -> None:
         """Append the scores where ``inside`` to the bracket's buffer (no host sync)."""
         buffer, filled = self._buffers[bracket]
-        capacity = buffer.numel() - 1
+        capacity = buffer.numel() - DUMP_SLOTS
         flat = inside.reshape(-1)
         position = torch.cumsum(flat, 0) + (filled - 1)
-        slot = torch.where(flat & (position < capacity), position, capacity)
-        buffer.index_put_((slot,), scores.reshape(-1).to(buffer.dtype), accumulate=True)
+        dump = dump_slots(flat.numel(), capacity, flat.device)
+        # each collected score has a slot of its own: the write is exact, whatever order
+        slot = torch.where(flat & (position < capacity), position, dump)
+        buffer.index_put_((slot,), scores.reshape(-1).to(buffer.dtype))
         filled += flat.sum()
 
     def reduce(self, distributed: bool) -> None:

@@ -119,6 +119,17 @@ DENSE_TILE_ELEMENTS = 1 << 22
 """Scores per tile of :meth:`PairStream.dense_tiles` (bounds the int64 keys and masks
 made from a tile)."""
 
+DUMP_SLOTS = 1 << 12
+"""Slots over which the sync-free counting spreads the updates it discards (pairs below
+the grid, pairs outside a FAR bracket): most pairs are discarded, and device atomics on a
+single address would be serialized."""
+
+
+def dump_slots(count: int, base: int, device: torch.device) -> Tensor:
+    """``(count,)`` int64 indices ``base + (i mod DUMP_SLOTS)``: where discarded updates
+    go (see :data:`DUMP_SLOTS`)."""
+    return torch.arange(count, device=device).bitwise_and_(DUMP_SLOTS - 1).add_(base)
+
 
 LARGE_CLASS_REFERENCES = 256
 """A query class with at least this many references is *large*: its rows are streamed in
