@@ -210,6 +210,29 @@ def test_opis_paths_on_the_device_equal_cpu(path, layout, monkeypatch):
         assert torch.equal(got, getattr(expected.state, name).to(torch.int64)), name
 
 
+def test_the_cpu_gathers_and_other_devices_count_densely(monkeypatch):
+    x, y = _clustered(40)
+
+    def stream(queries, labels):
+        return streaming.PairStream(
+            queries=queries,
+            query_labels=labels,
+            references=queries,
+            reference_labels=labels,
+            classes=torch.arange(5, device=labels.device),
+            self_offset=0,
+            score_fn=streaming.cosine_similarity_scores,
+            higher_is_closer=True,
+            chunk_size=None,
+        )
+
+    assert not stream(x, y).sync_free
+    with CudaRules():
+        assert stream(on_model_device(x), on_model_device(y)).sync_free
+    monkeypatch.setattr(streaming, "SYNC_FREE", True)
+    assert stream(x, y).sync_free
+
+
 # Host syncs of one OPIS evaluation on the model device, whatever N and the number of
 # chunks (docs/reference/functional.md states them): set-up, label preparation, one read
 # of the stream's plan, the grid's edges and the result's curves (20; one more with
