@@ -357,7 +357,8 @@ def grid_histograms(
         closeness_grid: ``(G,)`` ascending closeness thresholds.
         retained: the pairs of every piece, gathered at or below ``g_0`` (kept by the FAR
             search), or ``None`` for a pass over all pieces. The large classes' positive
-            slabs are counted in place after them.
+            slabs are counted in place after them. A sync-free stream makes its own dense
+            pass over every piece and slab (its FAR search retains nothing).
 
         threshold: also count, per query row, the pairs ``>= threshold`` (a calibrated
             threshold, in the same pass; ``retained`` must reach down to it).
