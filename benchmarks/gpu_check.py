@@ -6,7 +6,9 @@
 Each check prints ``[PASS]``/``[FAIL]`` with what it measured; a failure names the
 pml_tcm file:line it came from. The checks: host syncs of the TCM step in eager mode
 (``torch.cuda.set_sync_debug_mode``), the miner's syncs, OPIS on CUDA (plain, guide and
-pivot paths of the FAR search) against the CPU, OPIS's syncs per chunk, calibration and
+pivot paths of the FAR search) against the CPU, OPIS's syncs (a constant: the same
+for every N and number of chunks), the sync-free engine against the gathering one on
+CUDA (bit-equal), calibration and
 the calculator on CUDA, the ``report`` path, fp16/bf16 autocast, ``torch.compile``
 (inductor, aot_eager, ``reduce-overhead``), deterministic mode.
 """
@@ -156,15 +158,54 @@ def main() -> int:
         lambda: opis_vs_cpu(600, collect_limit=20, retain_limit=0),
     )
 
-    def opis_syncs_per_chunk():
+    def opis_syncs(**settings):
         counts = {}
-        for n, chunk in ((2000, 500), (4000, 1000), (4000, 500)):
+        for n, chunk in ((2000, 500), (4000, 1000), (4000, 250)):
+            opis(q[:n], ql[:n], chunk_size=chunk, **settings)  # warm-up (allocator, kernels)
             counts[(n, chunk)] = len(
-                our_sync_warnings(lambda n=n, chunk=chunk: opis(q[:n], ql[:n], chunk_size=chunk))
+                our_sync_warnings(
+                    lambda n=n, chunk=chunk: opis(q[:n], ql[:n], chunk_size=chunk, **settings)
+                )
             )
+        if len(set(counts.values())) != 1:
+            raise AssertionError(f"syncs grow with N or the chunks: {counts}")
         return f"syncs by (N, chunk_size): {counts}"
 
-    check("2c OPIS syncs (same chunks for 2x N should match)", opis_syncs_per_chunk)
+    check("2c OPIS syncs, FAR range: one constant for every N and chunks", opis_syncs)
+    check(
+        "2c' OPIS syncs, explicit calibration_range: one constant",
+        lambda: opis_syncs(calibration_range=(0.0, 0.6)),
+    )
+
+    def sync_free_vs_gathering():
+        from pml_tcm.functional import streaming
+
+        groups = (torch.arange(3000, device=cuda) * 7) % 3
+        runs = []
+        for sync_free in (True, False):
+            streaming.SYNC_FREE = sync_free
+            try:
+                results = [
+                    opis(q[:3000], ql[:3000], groups=g, collect_limit=c, chunk_size=700)
+                    for g in (None, groups)
+                    for c in (1 << 22, 5000)
+                ]
+                report = calibrate_threshold(q[:3000], ql[:3000], target_far=1e-2)
+                frr = calibrate_threshold(q[:3000], ql[:3000], target_frr=0.1)
+            finally:
+                streaming.SYNC_FREE = None
+            runs.append(
+                [(r.opis, r.eps_opis, r.calibration_range) for r in results]
+                + [(report.threshold, report.class_far.tolist(), frr.threshold)]
+            )
+        if runs[0] != runs[1]:
+            raise AssertionError(f"sync-free {runs[0]} != gathering {runs[1]}")
+        return f"bit-equal: {runs[0][0]}"
+
+    check(
+        "2i sync-free engine == gathering engine on CUDA (opis, groups, calibration)",
+        sync_free_vs_gathering,
+    )
     check(
         "2d OPISAccuracyCalculator() default device (pml picks CUDA) on 5000",
         lambda: OPISAccuracyCalculator(include=("opis", "eps_opis")).get_accuracy(q_cpu, ql_cpu),

@@ -3,7 +3,8 @@
 Every case runs twice: on plain CPU tensors and on model-device tensors under
 :class:`CudaRules`; the results must be equal, no op may mix devices, and pml-tcm's own
 host syncs are counted (TCM: none; the miner: only the two ``nonzero`` that size its
-output; OPIS: a bounded number per chunk).
+output; one OPIS evaluation: a constant number, whatever N and the number of chunks, as
+the model device takes the sync-free engine of :mod:`pml_tcm.functional.streaming`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pml_tcm import (
     with_tcm,
 )
 from pml_tcm.embedding_report import compute_report
-from pml_tcm.functional import opis, tcm_loss
+from pml_tcm.functional import opis, streaming, tcm_loss
 
 MARGINS = {"pos_margin": 0.5, "neg_margin": 0.0}
 
@@ -174,49 +175,140 @@ OPIS_PATHS = {
 }
 
 
+def _groups(n: int) -> torch.Tensor:
+    return (torch.arange(n) * 7) % 3  # three groups, cutting across the classes
+
+
+# "large": every class takes the large-class path (slabs of its own columns)
+LAYOUTS = {"classes": (None, False), "groups": (3, False), "large+groups": (3, True)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("path", list(OPIS_PATHS))
-def test_opis_paths_on_the_device_equal_cpu(path):
+def test_opis_paths_on_the_device_equal_cpu(path, layout, monkeypatch):
+    grouped, large = LAYOUTS[layout]
+    if large:
+        monkeypatch.setattr(streaming, "LARGE_CLASS_REFERENCES", 16)
     x, y = _clustered(300)
     settings = {"chunk_size": 64, **OPIS_PATHS[path]}
-    expected = opis(x, y, **settings)
+    groups = _groups(300) if grouped else None
+    expected = opis(x, y, groups=groups, **settings)  # the CPU's gathering engine
     with CudaRules() as rules:
-        result = opis(on_model_device(x), on_model_device(y), **settings)
+        result = opis(
+            on_model_device(x),
+            on_model_device(y),
+            groups=None if groups is None else on_model_device(groups),
+            **settings,
+        )
     assert not rules.mismatches(), _describe(rules.mismatches())
+    assert result.by == expected.by
     assert result.opis == expected.opis
     assert result.eps_opis == expected.eps_opis
     assert result.calibration_range == expected.calibration_range
+    for name in ("positive_histogram", "negative_histogram", "positives", "negatives"):
+        got = to_cpu(getattr(result.state, name)).to(torch.int64)
+        assert torch.equal(got, getattr(expected.state, name).to(torch.int64)), name
 
 
-def _opis_syncs(n: int, chunk_size: int, **settings) -> int:
+def test_the_cpu_gathers_and_other_devices_count_densely(monkeypatch):
+    x, y = _clustered(40)
+
+    def stream(queries, labels):
+        return streaming.PairStream(
+            queries=queries,
+            query_labels=labels,
+            references=queries,
+            reference_labels=labels,
+            classes=torch.arange(5, device=labels.device),
+            self_offset=0,
+            score_fn=streaming.cosine_similarity_scores,
+            higher_is_closer=True,
+            chunk_size=None,
+        )
+
+    assert not stream(x, y).sync_free
+    with CudaRules():
+        assert stream(on_model_device(x), on_model_device(y)).sync_free
+    monkeypatch.setattr(streaming, "SYNC_FREE", True)
+    assert stream(x, y).sync_free
+
+
+# Host syncs of one OPIS evaluation on the model device, whatever N and the number of
+# chunks (docs/reference/functional.md states them): set-up, label preparation, one read
+# of the stream's plan, the grid's edges and the result's curves (20; one more with
+# groups); the FAR path adds the count of negatives and, per exact pass, the reads of its
+# tallies (8; one pass here, as in most evaluations).
+OPIS_SYNC_BOUND = {"grid": 21, "far": 29}
+
+
+def _opis_syncs(n: int, chunks: int, grouped: bool = False, **settings) -> int:
     x, y = _clustered(n)
+    groups = on_model_device(_groups(n)) if grouped else None
     with CudaRules() as rules:
-        opis(on_model_device(x), on_model_device(y), chunk_size=chunk_size, **settings)
+        opis(
+            on_model_device(x),
+            on_model_device(y),
+            chunk_size=n // chunks,
+            groups=groups,
+            **settings,
+        )
     assert not rules.mismatches(), _describe(rules.mismatches())
     return len(rules.syncs())
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["classes", "groups"])
 @pytest.mark.parametrize("path", ["grid", "far"])
-def test_opis_syncs_depend_on_chunks_not_on_n(path):
+def test_opis_syncs_do_not_grow_with_n_or_chunks(path, grouped):
     settings = OPIS_PATHS[path]
-    four_chunks = [_opis_syncs(n, n // 4, **settings) for n in (200, 400, 800)]
-    # N quadrupled, same chunks: only the grid counters' flushes (at most one per
-    # counter and chunk, a bincount each) may differ
-    assert max(four_chunks) - min(four_chunks) <= 2 * 4
-    eight_chunks = _opis_syncs(400, 50, **settings)
-    per_chunk = (eight_chunks - four_chunks[1]) / 4
-    assert 0 < per_chunk <= 16
+    counts = {
+        (n, chunks): _opis_syncs(n, chunks, grouped, **settings)
+        for n, chunks in ((200, 4), (400, 4), (800, 4), (400, 16), (800, 16))
+    }
+    assert len(set(counts.values())) == 1, counts
+    assert counts[(200, 4)] <= OPIS_SYNC_BOUND[path], counts
 
 
-def test_calibration_on_the_device_equals_cpu():
+def test_opis_syncs_with_large_classes_do_not_grow_with_chunks(monkeypatch):
+    # every class large: one positive slab per class and chunk (and, with groups, runs)
+    monkeypatch.setattr(streaming, "LARGE_CLASS_REFERENCES", 16)
+    counts = {c: _opis_syncs(400, c, True, **OPIS_PATHS["far"]) for c in (4, 16)}
+    assert counts[4] == counts[16] <= OPIS_SYNC_BOUND["far"], counts
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["classes", "groups"])
+def test_calibration_on_the_device_equals_cpu(grouped):
     x, y = _clustered(240)
+    groups = _groups(240) if grouped else None
     for target in ({"target_far": 1e-2}, {"target_frr": 0.1}):
-        expected = calibrate_threshold(x, y, **target)
+        expected = calibrate_threshold(x, y, groups=groups, chunk_size=40, **target)
         with CudaRules() as rules:
-            report = calibrate_threshold(on_model_device(x), on_model_device(y), **target)
+            report = calibrate_threshold(
+                on_model_device(x),
+                on_model_device(y),
+                groups=None if groups is None else on_model_device(groups),
+                chunk_size=40,
+                **target,
+            )
         assert not rules.mismatches(), _describe(rules.mismatches())
         assert report.threshold == expected.threshold
         assert torch.equal(report.class_far, expected.class_far)
         assert torch.equal(report.class_frr, expected.class_frr)
+        if grouped:
+            assert torch.equal(report.groups.far, expected.groups.far)
+            assert torch.equal(report.groups.frr, expected.groups.frr)
+
+
+@pytest.mark.parametrize("target", [{"target_far": 1e-2}, {"target_frr": 0.1}], ids=str)
+def test_calibration_syncs_do_not_grow_with_n_or_chunks(target):
+    counts = {}
+    for n, chunks in ((200, 4), (400, 4), (400, 16)):
+        x, y = _clustered(n)
+        with CudaRules() as rules:
+            calibrate_threshold(
+                on_model_device(x), on_model_device(y), chunk_size=n // chunks, **target
+            )
+        counts[(n, chunks)] = len(rules.syncs())
+    assert len(set(counts.values())) == 1, counts
 
 
 def test_calculator_on_the_device_equals_cpu():

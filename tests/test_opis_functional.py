@@ -164,18 +164,29 @@ def check_against_naive(p):
     assert math.isfinite(result.opis) and math.isfinite(result.eps_opis)
 
 
+# both engines: gathering the pairs above the floor (the CPU's default) and the sync-free
+# dense counting (the default off the CPU), forced here on the CPU
+ENGINES = pytest.mark.parametrize("sync_free", [False, True], ids=["gather", "sync_free"])
+
+
+@ENGINES
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
-def test_matches_naive_reference(p):
-    check_against_naive(p)
+def test_matches_naive_reference(sync_free, p):
+    with mock.patch.object(streaming, "SYNC_FREE", sync_free):
+        check_against_naive(p)
 
 
+@ENGINES
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems(), st.sampled_from([1, 2, 4]))
-def test_matches_naive_reference_with_large_classes(p, large):
+def test_matches_naive_reference_with_large_classes(sync_free, p, large):
     # classes with at least `large` references take the large-class path: their own
     # columns histogrammed in place after the main pass, the others' columns negative-only
-    with mock.patch.object(streaming, "LARGE_CLASS_REFERENCES", large):
+    with (
+        mock.patch.object(streaming, "LARGE_CLASS_REFERENCES", large),
+        mock.patch.object(streaming, "SYNC_FREE", sync_free),
+    ):
         check_against_naive(p)
 
 
@@ -224,8 +235,10 @@ def test_both_ways_of_finding_positives_match_naive(mode, monkeypatch):
     assert calls["_is_positive"] > 0 and calls["_same_label_positions"] > 0
 
 
+@ENGINES
 @pytest.mark.parametrize("distance", ["cosine", "euclidean"])
-def test_float32_far_thresholds_bit_equal_with_1000_thresholds(distance):
+def test_float32_far_thresholds_bit_equal_with_1000_thresholds(distance, sync_free, monkeypatch):
+    monkeypatch.setattr(streaming, "SYNC_FREE", sync_free)
     gen = torch.Generator().manual_seed(3)
     queries = torch.randn(400, 16, generator=gen)
     labels = torch.randint(0, 40, (400,), generator=gen)

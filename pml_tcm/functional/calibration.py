@@ -87,11 +87,16 @@ def query_errors(
     ``retained`` pairs (gathered at or below the threshold) or a pass over the pieces,
     then the large classes' positive slabs."""
     accepted = AcceptedCounts(stream, closeness_threshold)
-    if retained is None:
+    if stream.sync_free:
+        for piece in stream.dense_pieces():
+            for tile in stream.dense_tiles(piece):
+                accepted.add_tile(tile)
+        retained = ()
+    elif retained is None:
         retained = (stream.scan(closeness_threshold, piece) for piece in stream.pieces())
     for pairs in retained:
         accepted.add(pairs)
-    for slab in stream.positive_slabs():
+    for slab in () if stream.sync_free else stream.positive_slabs():
         block, self_scores = stream.slab_scores(slab)
         accepted.add_slab(slab, block, self_scores)
     false_accepts, true_accepts = accepted.error_counts()
@@ -134,6 +139,26 @@ def _key_value(key: int, dtype: torch.dtype) -> float:
     return float(as_int.view(torch.float32))
 
 
+def _dense_radix_counts(
+    stream: PairStream, counts: Tensor, prefix: int | None, shift: int, dtype: torch.dtype
+) -> None:
+    """One radix level of :func:`kth_smallest_positive` on a sync-free stream: every pair
+    of every tile keyed, the positive ones with the prefix counted by one ``index_add_``
+    per tile (no pair gathered, no host sync)."""
+    for piece in stream.dense_pieces():
+        for tile in stream.dense_tiles(piece):
+            if tile.positive is None:
+                continue
+            keys = sortable_keys(tile.scores.to(dtype))
+            counted = tile.positive & ~torch.isnan(tile.scores)
+            if prefix is None:
+                digits = (keys >> shift) + (1 << (RADIX_BITS - 1))
+            else:
+                counted &= (keys >> (shift + RADIX_BITS)) == prefix
+                digits = (keys >> shift) & ((1 << RADIX_BITS) - 1)
+            counts.index_add_(0, digits.view(-1), counted.view(-1).to(torch.int64))
+
+
 def kth_smallest_positive(stream: PairStream, k: int, distributed: bool = False) -> float:
     """The exact ``k``-th smallest positive closeness (1-based), over all ranks, in
     bounded memory: a radix selection on :func:`sortable_keys`, 16 bits a pass (two
@@ -146,7 +171,9 @@ def kth_smallest_positive(stream: PairStream, k: int, distributed: bool = False)
     for level in range(key_bits // RADIX_BITS):
         shift = key_bits - RADIX_BITS * (level + 1)
         counts = torch.zeros(1 << RADIX_BITS, dtype=torch.int64, device=device)
-        for values in stream.positive_values():
+        if stream.sync_free:
+            _dense_radix_counts(stream, counts, prefix, shift, dtype)
+        for values in () if stream.sync_free else stream.positive_values():
             for tile in values.split(RADIX_TILE):  # bounded temporaries (int64 keys)
                 keys = sortable_keys(tile[~torch.isnan(tile)].to(dtype))
                 if prefix is not None:

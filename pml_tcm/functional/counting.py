@@ -11,6 +11,14 @@ arithmetic estimate corrected against the grid rounded up to the scores' dtype, 
 cumulative sums give ``TP_c(g_i)`` and ``FP_c(g_i)``. Pairs below ``t_lo`` only matter
 through the per-class totals, which come from label counts without any score
 (:meth:`~pml_tcm.functional.streaming.PairStream.pair_totals`).
+
+A sync-free stream (:attr:`~pml_tcm.functional.streaming.PairStream.sync_free`, off the
+CPU) is counted densely instead: every pair of every tile gets its bucket (a
+``searchsorted`` on the rounded-up grid: the same exact comparisons, NaN in bucket 0),
+its key ``unit · (G + 1) + bucket`` is offset by ``U · (G + 1)`` for a negative pair (a
+pair below the grid goes to a dump slot instead), and one ``index_add_`` per tile (the
+self pairs weighted 0) counts positives and negatives together: no ``nonzero``, no
+``bincount``, no host sync, the same counts.
 """
 
 from __future__ import annotations
@@ -21,7 +29,15 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .streaming import ChunkPairs, PairStream, PositiveSlab, ceil_to_dtype
+from .streaming import (
+    DUMP_SLOTS,
+    ChunkPairs,
+    DenseTile,
+    PairStream,
+    PositiveSlab,
+    ceil_to_dtype,
+    dump_slots,
+)
 
 
 def ceil_grid(grid: Tensor, dtype: torch.dtype) -> Tensor:
@@ -111,6 +127,13 @@ class _GridCounter:
         dtype = torch.int32 if most < 2**31 else torch.int64
         self.positive = _KeyCounts(size, device, dtype)
         self.negative = _KeyCounts(size, device, dtype)
+        # sync-free counting: positive keys in [0, size), negative ones in [size, 2 size),
+        # then the dump slots of the pairs below the grid
+        self.dense = (
+            torch.zeros(2 * size + DUMP_SLOTS, dtype=dtype, device=device)
+            if stream.sync_free
+            else None
+        )
 
     def add(self, pairs: ChunkPairs) -> None:
         """Count the pairs of one chunk (gathered at or below ``g_0``)."""
@@ -127,6 +150,38 @@ class _GridCounter:
         self.negative.add(self_keys, -1)
         if self.accepted is not None:
             self.accepted.add(pairs)
+
+    def add_tile(self, tile: DenseTile) -> None:
+        """Count every pair of one tile (sync-free: dense buckets, one ``index_add_``)."""
+        assert self.dense is not None
+        stride = self.grid_size + 1
+        size = self.num_classes * stride
+        buckets = self.dense_buckets(tile.scores)
+        keys = buckets + self.stream.query_unit[tile.start : tile.end, None] * stride
+        negative = tile.negative()
+        if negative is None:
+            keys += size
+        else:
+            keys += negative.to(torch.int64) * size
+        below = dump_slots(keys.numel(), 2 * size, keys.device).view(keys.shape)
+        keys = torch.where(buckets == 0, below, keys)  # (bucket 0 is never read)
+        if tile.self_pair is None:
+            weights = torch.ones((), dtype=self.dense.dtype, device=keys.device)
+            weights = weights.expand(keys.numel())
+        else:
+            weights = (~tile.self_pair).to(self.dense.dtype).view(-1)
+        self.dense.index_add_(0, keys.view(-1), weights)
+        if self.accepted is not None:
+            self.accepted.add_tile(tile)
+
+    def dense_buckets(self, values: Tensor) -> Tensor:
+        """:meth:`buckets` of every value, NaN in bucket 0, without a host sync (a
+        ``searchsorted`` on the rounded-up grid: exact). Any shape; int64, same shape."""
+        dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+        values = values.to(dtype)
+        edges, _, _ = self._edges_of(dtype, values.device)
+        count = torch.searchsorted(edges[1:-1], values.contiguous(), right=True)
+        return count.masked_fill_(torch.isnan(values), 0)
 
     # a slab with more unit runs than rows / this is counted by keys, not run by run
     RUN_ROWS = 16
@@ -190,6 +245,10 @@ class _GridCounter:
         """``(positive, negative)`` histograms, each ``(U, G)`` int32 or int64 (views of
         the counts: no copy)."""
         shape = (self.num_classes, self.grid_size + 1)
+        if self.dense is not None:
+            counted = self.dense[: 2 * shape[0] * shape[1]]
+            positive, negative = counted.view(2, *shape).unbind(0)
+            return positive[:, 1:], negative[:, 1:]
         positive = self.positive.total().view(shape)[:, 1:]
         negative = self.negative.total().view(shape)[:, 1:]
         return positive, negative
@@ -258,6 +317,16 @@ class AcceptedCounts:
         ):
             rows[slot] += torch.bincount(of_row[values >= limit], minlength=size)
 
+    def add_tile(self, tile: DenseTile) -> None:
+        """Every pair of one tile (sync-free: dense compares and row sums)."""
+        accepted = tile.scores >= ceil_to_dtype(self.threshold, tile.scores.dtype)
+        rows = self.rows[:, tile.start : tile.end]
+        rows[0] += accepted.sum(dim=1)
+        if tile.positive is not None:
+            rows[1] += (accepted & tile.positive).sum(dim=1)
+        if tile.self_pair is not None:
+            rows[2] += (accepted & tile.self_pair).sum(dim=1)
+
     def add_slab(self, slab: PositiveSlab, block: Tensor, self_scores: Tensor) -> None:
         """A positive slab's ``(rows, columns)`` block and its rows' self-pair scores."""
         limit = ceil_to_dtype(self.threshold, block.dtype)
@@ -288,7 +357,8 @@ def grid_histograms(
         closeness_grid: ``(G,)`` ascending closeness thresholds.
         retained: the pairs of every piece, gathered at or below ``g_0`` (kept by the FAR
             search), or ``None`` for a pass over all pieces. The large classes' positive
-            slabs are counted in place after them.
+            slabs are counted in place after them. A sync-free stream makes its own dense
+            pass over every piece and slab (its FAR search retains nothing).
 
         threshold: also count, per query row, the pairs ``>= threshold`` (a calibrated
             threshold, in the same pass; ``retained`` must reach down to it).
@@ -302,7 +372,12 @@ def grid_histograms(
         ``threshold``; :meth:`PairStream.per_unit` sums them per unit).
     """
     counter = _GridCounter(stream, closeness_grid, threshold)
-    if retained is None:
+    if stream.sync_free:
+        for piece in stream.dense_pieces():
+            for tile in stream.dense_tiles(piece):
+                counter.add_tile(tile)
+        retained = ()
+    elif retained is None:
         floor = (
             float(closeness_grid[0])
             if threshold is None
@@ -311,7 +386,7 @@ def grid_histograms(
         retained = (stream.scan(floor, piece) for piece in stream.pieces())
     for pairs in retained:
         counter.add(pairs)
-    for slab in stream.positive_slabs():
+    for slab in () if stream.sync_free else stream.positive_slabs():
         counter.add_slab(slab)
     positive, negative = counter.histograms()
     if counter.accepted is None:

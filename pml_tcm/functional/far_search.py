@@ -24,6 +24,15 @@ When the pairs gathered by the exact pass (everything ``>= lo``: a score per pai
 the positive and self pairs apart with their score and 8-byte row) hold at most
 ``retain_limit`` scores' worth of memory, they are returned and the OPIS counting reuses
 them: the guide plus one pass over the data in total.
+
+On a sync-free stream (:attr:`~pml_tcm.functional.streaming.PairStream.sync_free`, off
+the CPU) the exact pass reads every pair of each tile with its label masks: the counts
+are dense sums, the pivot pieces one ``index_add_``, and the negatives in the bracket are
+written into a fixed-capacity device buffer at positions from a running count and a
+cumulative sum of the mask (one ``index_put_``; the other scores, and those past the
+capacity, go to dump slots). The host reads the counts once per pass, so the number of
+syncs does not depend on the number of queries or of chunks; nothing is retained (the
+counting is a dense pass).
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ import torch
 from torch import Tensor
 
 from .collectives import all_gather_values, all_reduce
-from .streaming import ChunkPairs, PairStream, ceil_to_dtype
+from .streaming import DUMP_SLOTS, ChunkPairs, DenseTile, PairStream, ceil_to_dtype, dump_slots
 
 GUIDE_FRACTION = 16
 GUIDE_BINS = 1 << 16
@@ -197,6 +206,7 @@ class _PassTally:
         device: torch.device,
         dtype: torch.dtype,
         collect_limit: int,
+        dense_capacity: int | None = None,
     ) -> None:
         self.targets = targets
         self.dtype = dtype
@@ -208,6 +218,17 @@ class _PassTally:
         self.collected_size = [0] * len(targets)
         self.overflow: Tensor | None = None
         self._pivots = [None if t.pivots is None else t.pivots.to(device) for t in targets]
+        # sync-free collection: per bracket, a buffer of dense_capacity values, then the
+        # dump slots of the scores not collected
+        self.dense_capacity = dense_capacity
+        self._buffers: dict[tuple[float, float], tuple[Tensor, Tensor]] = {}
+        if dense_capacity is not None:
+            for target in targets:
+                bracket = (target.lo, target.hi)
+                if target.pivots is None and bracket not in self._buffers:
+                    buffer = torch.empty(dense_capacity + DUMP_SLOTS, dtype=dtype, device=device)
+                    filled = torch.zeros((), dtype=torch.int64, device=device)
+                    self._buffers[bracket] = (buffer, filled)
 
     def add(self, stream: PairStream, pairs: ChunkPairs) -> None:
         """Tally one chunk's pairs (gathered at or below every open bracket's ``lo``)."""
@@ -233,10 +254,63 @@ class _PassTally:
                 self.collected[j].append(inside.to(self.dtype))
                 self.collected_size[j] += inside.shape[0]
 
+    def add_tile(self, tile: DenseTile) -> None:
+        """Tally every pair of one tile (sync-free: dense compares and sums)."""
+        counts, extremes, scores = self.counts, self.extremes, tile.scores
+        if not scores.numel():
+            return
+        negative = tile.negative()
+        wide: Tensor | None = None  # float64 scores, for the pivots
+        done: set[tuple[float, float]] = set()
+        in_bracket: dict[tuple[float, float], Tensor] = {}
+        for j, target in enumerate(self.targets):
+            high = ceil_to_dtype(target.hi, scores.dtype)
+            above = scores >= high
+            counts[j, 0] += (above if negative is None else above & negative).sum()
+            bracket = (target.lo, target.hi)
+            if bracket not in in_bracket:
+                inside = scores < high
+                if target.lo > -math.inf:
+                    inside &= scores >= ceil_to_dtype(target.lo, scores.dtype)
+                in_bracket[bracket] = inside if negative is None else inside & negative
+            inside = in_bracket[bracket]
+            counts[j, 1] += inside.sum()
+            low_value = torch.where(inside, scores, math.inf).min().to(torch.float64)
+            high_value = torch.where(inside, scores, -math.inf).max().to(torch.float64)
+            extremes[j, 0] = torch.minimum(extremes[j, 0], low_value)
+            extremes[j, 1] = torch.minimum(extremes[j, 1], -high_value)
+            if target.pivots is not None:
+                wide = scores.to(torch.float64) if wide is None else wide
+                piece = torch.searchsorted(self._pivots[j], wide, right=True)
+                row = counts[j, 2 : 2 + target.pivots.numel() + 1]
+                row.index_add_(0, piece.view(-1), inside.view(-1).to(torch.int64))
+            elif bracket not in done:
+                done.add(bracket)
+                self._collect(bracket, inside, scores)
+
+    def _collect(self, bracket: tuple[float, float], inside: Tensor, scores: Tensor) -> None:
+        """Append the scores where ``inside`` to the bracket's buffer (no host sync)."""
+        buffer, filled = self._buffers[bracket]
+        capacity = buffer.numel() - DUMP_SLOTS
+        flat = inside.reshape(-1)
+        position = torch.cumsum(flat, 0) + (filled - 1)
+        dump = dump_slots(flat.numel(), capacity, flat.device)
+        # each collected score has a slot of its own: the write is exact, whatever order
+        slot = torch.where(flat & (position < capacity), position, dump)
+        buffer.index_put_((slot,), scores.reshape(-1).to(buffer.dtype))
+        filled += flat.sum()
+
     def reduce(self, distributed: bool) -> None:
         """Combine the ranks' tallies; the counts end up on the host (the bracket updates
         are host-side: one copy each per pass)."""
         device = self.counts.device
+        if self.dense_capacity is not None:  # this rank's negatives in each bracket
+            local = self.counts[:, 1].cpu().tolist()
+            for j, target in enumerate(self.targets):
+                if target.pivots is None:
+                    buffer, _ = self._buffers[(target.lo, target.hi)]
+                    self.collected[j] = [buffer[: min(local[j], self.dense_capacity)]]
+                    self.collected_size[j] = local[j]
         all_reduce(self.counts, distributed=distributed)
         all_reduce(self.extremes, distributed=distributed, op="min")
         overflow = torch.tensor(
@@ -257,6 +331,11 @@ def _exact_pass(
 ) -> list[ChunkPairs] | None:
     """One pass over all chunks, filtered at ``floor``, into ``tally``; returns the
     chunks' pairs when they number at most ``retain_limit`` scores, else ``None``."""
+    if stream.sync_free:  # (the positive slabs hold no negative pair)
+        for piece in stream.pieces():
+            for tile in stream.dense_tiles(piece):
+                tally.add_tile(tile)
+        return None
     kept_pairs: list[ChunkPairs] | None = []
     kept = 0
     for piece in stream.pieces():
@@ -373,6 +452,7 @@ def far_closeness_thresholds(
             device=stream.queries.device,
             dtype=stream.queries.dtype,
             collect_limit=collect_limit,
+            dense_capacity=min(collect_limit, num_negatives) if stream.sync_free else None,
         )
         kept_pairs = _exact_pass(stream, tally, floor, retain_limit)
         tally.reduce(distributed)

@@ -23,6 +23,15 @@ self pairs are gathered directly from the block at positions known from the labe
 when a chunk has more same-label pairs than pairs above the floor, as with few classes,
 the positives are found among the latter by their labels), so the negatives are never
 separated: every count of negatives is all pairs minus positives minus self pairs.
+
+That gathering makes the host wait for the device several times per chunk (each
+``nonzero`` sizes its output). Off the CPU the stream is *sync-free* instead
+(:data:`SYNC_FREE`): :meth:`PairStream.dense_tiles` hands out each block in row tiles
+with its positive and self-pair masks computed from the labels by dense compares, and
+the counting, the accepted counts and the FAR search's exact pass consume every pair of a
+tile with fixed-shape ops (compares, sums, ``index_add_``, ``index_put_``), so the
+number of host syncs of one evaluation does not depend on the number of queries or of
+chunks. On the CPU gathering the pairs above the floor is faster, and stays the default.
 """
 
 from __future__ import annotations
@@ -101,6 +110,27 @@ def ceil_to_dtype(value: float, dtype: torch.dtype) -> float:
     return float(rounded)
 
 
+SYNC_FREE: bool | None = None
+"""Whether a :class:`PairStream` counts its pairs densely, without host syncs (see the
+module docstring): ``None`` (default) on every device but the CPU; ``True``/``False``
+force it (read when a stream is made)."""
+
+DENSE_TILE_ELEMENTS = 1 << 22
+"""Scores per tile of :meth:`PairStream.dense_tiles` (bounds the int64 keys and masks
+made from a tile)."""
+
+DUMP_SLOTS = 1 << 12
+"""Slots over which the sync-free counting spreads the updates it discards (pairs below
+the grid, pairs outside a FAR bracket): most pairs are discarded, and device atomics on a
+single address would be serialized."""
+
+
+def dump_slots(count: int, base: int, device: torch.device) -> Tensor:
+    """``(count,)`` int64 indices ``base + (i mod DUMP_SLOTS)``: where discarded updates
+    go (see :data:`DUMP_SLOTS`)."""
+    return torch.arange(count, device=device).bitwise_and_(DUMP_SLOTS - 1).add_(base)
+
+
 LARGE_CLASS_REFERENCES = 256
 """A query class with at least this many references is *large*: its rows are streamed in
 chunks of their own, the columns of the other classes (all negative pairs) in the main
@@ -139,6 +169,36 @@ class PositiveSlab:
     column_start: int
     column_end: int
     unit_runs: tuple[tuple[int, int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class DenseTile:
+    """Query rows ``[start, end)`` of a piece or slab against its columns, every pair.
+
+    Attributes:
+        start: first query row (the stream's sorted order).
+        end: one past the last query row.
+        scores: ``(end - start, width)`` closeness (a view of the reused block buffer,
+            valid until the next block).
+        positive: ``(end - start, width)`` bool, the positive pairs (same label, not
+            the self pair), or ``None`` when every pair is negative.
+        self_pair: ``(end - start, width)`` bool, the self pairs, or ``None`` without any.
+    """
+
+    start: int
+    end: int
+    scores: Tensor
+    positive: Tensor | None
+    self_pair: Tensor | None
+
+    def negative(self) -> Tensor | None:
+        """``(end - start, width)`` bool, the negative pairs (``None``: all of them)."""
+        if self.positive is None:
+            return None
+        negative = ~self.positive
+        if self.self_pair is not None:
+            negative &= ~self.self_pair
+        return negative
 
 
 @dataclass
@@ -279,6 +339,7 @@ class PairStream:
         self._score_buffer: Tensor | None = None
         self._mask_buffer: Tensor | None = None
         self._positive_pair_ends: list[int] | None = None
+        self.sync_free = self.queries.device.type != "cpu" if SYNC_FREE is None else SYNC_FREE
         self._pieces, self._slabs = self._plan()
 
     def _sorted_rows(self, rows: Tensor, order: Tensor) -> Tensor:
@@ -322,7 +383,7 @@ class PairStream:
                 small_start = row + rows
             row += rows
         small_run(num_queries)
-        if self.query_group is not None:
+        if self.query_group is not None and not self.sync_free:  # (dense: keyed per row)
             slabs = [self._split_by_unit(slab) for slab in slabs]
         return pieces, slabs
 
@@ -344,6 +405,34 @@ class PairStream:
     def positive_slabs(self) -> list[PositiveSlab]:
         """The positive slabs of the large classes (empty without any)."""
         return self._slabs
+
+    def dense_pieces(self) -> list[Piece]:
+        """Every piece of the main pass, then each positive slab as a piece: all the
+        pairs, for the sync-free counting."""
+        slabs = [Piece(s.start, s.end, s.column_start, s.column_end, False) for s in self._slabs]
+        return self._pieces + slabs
+
+    def dense_tiles(self, piece: Piece) -> Iterator[DenseTile]:
+        """Every pair of ``piece`` in row tiles of about :data:`DENSE_TILE_ELEMENTS`
+        scores, with masks from the labels (no host sync; each tile is valid until the
+        next block)."""
+        block = self.closeness(piece.start, piece.end, piece.column_start, piece.column_end)
+        tile_rows = max(1, DENSE_TILE_ELEMENTS // max(1, piece.width))
+        columns = torch.arange(piece.column_start, piece.column_end, device=block.device)
+        column_labels = self.reference_labels[piece.column_start : piece.column_end]
+        for first in range(0, piece.end - piece.start, tile_rows):
+            scores = block[first : first + tile_rows]
+            start = piece.start + first
+            end = start + scores.shape[0]
+            if piece.negative_only:
+                yield DenseTile(start, end, scores, None, None)
+                continue
+            positive = self.query_labels[start:end, None] == column_labels[None, :]
+            self_pair = None
+            if self.self_columns is not None:
+                self_pair = columns[None, :] == self.self_columns[start:end, None]
+                positive &= ~self_pair
+            yield DenseTile(start, end, scores, positive, self_pair)
 
     def query_pair_totals(self) -> tuple[Tensor, Tensor]:
         """``(positives, negatives)`` of each query row (sorted order), ``(N,)`` int64
