@@ -94,6 +94,18 @@ def _rows(db: Path, table: str) -> list[dict]:
         return [dict(r) for r in connection.execute(f"SELECT * FROM {table}")]
 
 
+def _recorded_opis(db: Path) -> dict[int, float]:
+    """``{epoch: opis_level0}`` of the validation split's records."""
+    with sqlite3.connect(db) as connection:
+        table = next(
+            r[0]
+            for r in connection.execute("SELECT name FROM sqlite_master")
+            if r[0].endswith("VAL_vs_self")
+        )
+    rows = _rows(db, table)
+    return {r["epoch"]: r["opis_level0"] for r in rows if r.get("opis_level0") is not None}
+
+
 def test_trainer_with_hooks_records_tcm_and_keeps_the_lowest_opis_epoch(tmp_path):
     hooks, tester, trainer = _train(tmp_path, "neg_opis", epochs=4, patience=None)
     db = tmp_path / "logs" / "logs.db"
@@ -126,16 +138,7 @@ def test_trainer_with_hooks_records_tcm_and_keeps_the_lowest_opis_epoch(tmp_path
 
 def test_patience_counts_from_the_lowest_opis_epoch(tmp_path):
     hooks, tester, trainer = _train(tmp_path, "neg_opis", epochs=8, patience=1)
-    db = tmp_path / "logs" / "logs.db"
-    with sqlite3.connect(db) as connection:
-        table = next(
-            r[0]
-            for r in connection.execute("SELECT name FROM sqlite_master")
-            if r[0].endswith("VAL_vs_self")
-        )
-    epochs = {
-        r["epoch"]: r["opis_level0"] for r in _rows(db, table) if r.get("opis_level0") is not None
-    }
+    epochs = _recorded_opis(tmp_path / "logs" / "logs.db")
     last = max(epochs)
     best = min(epochs, key=epochs.get)
     # training stops once the lowest-OPIS epoch is more than `patience` epochs old
@@ -154,16 +157,7 @@ def test_patience_counts_from_the_lowest_opis_epoch(tmp_path):
 
 def test_grouped_tester_in_the_training_loop_keeps_the_lowest_group_opis_epoch(tmp_path):
     hooks, tester, trainer = _train(tmp_path, "neg_opis", epochs=3, patience=None, grouped=True)
-    db = tmp_path / "logs" / "logs.db"
-    with sqlite3.connect(db) as connection:
-        table = next(
-            r[0]
-            for r in connection.execute("SELECT name FROM sqlite_master")
-            if r[0].endswith("VAL_vs_self")
-        )
-    epochs = {
-        r["epoch"]: r["opis_level0"] for r in _rows(db, table) if r.get("opis_level0") is not None
-    }
+    epochs = _recorded_opis(tmp_path / "logs" / "logs.db")
     assert sorted(epochs) == [1, 2, 3]
     best = min(epochs, key=epochs.get)
     assert hooks.get_best_epoch_and_accuracy(tester, "val")[0] == best

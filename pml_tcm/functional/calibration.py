@@ -54,6 +54,21 @@ class QueryErrors:
     classes: Tensor
     groups: Tensor | None = None
 
+    @classmethod
+    def of_stream(
+        cls, stream: PairStream, false_accepts: Tensor, true_accepts: Tensor
+    ) -> QueryErrors:
+        """The errors of a stream's rows from their accepted negatives and positives."""
+        positives, negatives = stream.query_pair_totals()
+        return cls(
+            false_accepts,
+            positives - true_accepts,
+            negatives,
+            positives,
+            stream.query_class,
+            stream.query_group,
+        )
+
     def counts(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(false_accepts, false_rejects, negatives, positives)``."""
         return self.false_accepts, self.false_rejects, self.negatives, self.positives
@@ -99,16 +114,7 @@ def query_errors(
     for slab in () if stream.sync_free else stream.positive_slabs():
         block, self_scores = stream.slab_scores(slab)
         accepted.add_slab(slab, block, self_scores)
-    false_accepts, true_accepts = accepted.error_counts()
-    positives, negatives = stream.query_pair_totals()
-    return QueryErrors(
-        false_accepts,
-        positives - true_accepts,
-        negatives,
-        positives,
-        stream.query_class,
-        stream.query_group,
-    )
+    return QueryErrors.of_stream(stream, *accepted.error_counts())
 
 
 RADIX_BITS = 16

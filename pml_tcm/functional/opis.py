@@ -554,16 +554,7 @@ def evaluate_sets(
         result.confidence = float(confidence)
     if threshold is None:
         return Evaluation(result)
-    false_accepts, true_accepts = accepted
-    positives, negatives = stream.query_pair_totals()
-    errors = QueryErrors(
-        false_accepts,
-        positives - true_accepts,
-        negatives,
-        positives,
-        stream.query_class,
-        stream.query_group,
-    )
+    errors = QueryErrors.of_stream(stream, *accepted)
     return Evaluation(result, threshold, classes, errors)
 
 
