@@ -152,3 +152,35 @@ def test_retrieval_on_unit_rows_skips_the_copy_with_the_same_metrics():
     x, y = imbalanced(n=150, seed=14, big=0.3)
     rows = unit_rows(x)
     assert retrieval_metrics(rows, y, rows_are_unit=True) == retrieval_metrics(rows, y)
+
+
+def test_report_streams_its_rows_without_a_sorted_copy():
+    # the report sorts its own normalised rows by class (then group) in place, so the
+    # streams use them as they are; the numbers do not depend on the rows' order
+    from pml_tcm.report.compute import compute_report, permute_rows_
+
+    x, y = imbalanced(n=240, seed=17, big=0.4)
+    groups = torch.arange(240) % 3
+    order = torch.randperm(240, generator=torch.Generator().manual_seed(2))
+    copies = []
+    original = streaming.PairStream._sorted_rows
+
+    def spy(self, rows, row_order):
+        out = original(self, rows, row_order)
+        copies.append(out.data_ptr() != rows.data_ptr())
+        return out
+
+    with mock.patch.object(streaming.PairStream, "_sorted_rows", spy):
+        first = compute_report(x.numpy(), y.numpy(), groups=groups.numpy(), bootstrap=50)
+    assert copies and not any(copies)
+    shuffled = compute_report(
+        x[order].numpy(), y[order].numpy(), groups=groups[order].numpy(), bootstrap=50
+    )
+    assert shuffled.metrics == pytest.approx(first.metrics, rel=1e-6)
+    assert shuffled.calibration.threshold == first.calibration.threshold
+    assert torch.equal(shuffled.calibration.groups.far, first.calibration.groups.far)
+    # the in-place permutation against numpy's indexing
+    rows = torch.randn(50, 3)
+    perm = torch.randperm(50)
+    expected = rows[perm].clone()
+    assert torch.equal(permute_rows_(rows, perm), expected)

@@ -480,13 +480,15 @@ def evaluate_sets(
     seed: int = 0,
     bootstrap: int = 0,
     confidence: float = 0.95,
+    rows_are_unit: bool = False,
 ) -> Evaluation:
     """OPIS and, with ``target_far``, the threshold of that FAR with its per-class error
     counts, from one guide and one pass: the three FAR ranks (``far_range`` and
     ``target_far``) are searched together, and the per-class pairs at the threshold are
     counted with the grid (same numbers as :func:`opis` and
     :func:`~pml_tcm.functional.calibration.calibrate_closeness_threshold`). The OPIS rows
-    are the groups when ``sets`` has them; ``bootstrap`` replicates give its intervals."""
+    are the groups when ``sets`` has them; ``bootstrap`` replicates give its intervals;
+    ``rows_are_unit``: see :class:`~pml_tcm.functional.streaming.PairStream`."""
     classes = global_classes(sets.query_ids, distributed=distributed)
     stream = PairStream(
         queries=sets.queries,
@@ -500,6 +502,7 @@ def evaluate_sets(
         chunk_size=chunk_size,
         query_groups=sets.query_groups,
         num_groups=sets.num_groups,
+        rows_are_unit=rows_are_unit,
     )
     retained = None
     threshold = None

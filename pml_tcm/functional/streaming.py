@@ -282,6 +282,9 @@ class PairStream:
         query_groups: ``(N,)`` int64 group ids in ``[0, num_groups)``, or ``None`` to
             count per class.
         num_groups: the number of groups (over all ranks), with ``query_groups``.
+        rows_are_unit: the cosine score's rows are unit rows already; when they are
+            also in the stream's order (sorted by class, then group) they are used as
+            they are, without the sorted copy.
     """
 
     def __init__(
@@ -298,7 +301,9 @@ class PairStream:
         chunk_size: int | None,
         query_groups: Tensor | None = None,
         num_groups: int = 0,
+        rows_are_unit: bool = False,
     ) -> None:
+        self.rows_are_unit = rows_are_unit
         if query_groups is None:
             query_order = torch.argsort(query_labels, stable=True)
         else:  # by class, then by group within a class
@@ -343,6 +348,10 @@ class PairStream:
         self._pieces, self._slabs = self._plan()
 
     def _sorted_rows(self, rows: Tensor, order: Tensor) -> Tensor:
+        if self.rows_are_unit and torch.equal(
+            order, torch.arange(order.numel(), device=order.device)
+        ):
+            return rows  # unit rows already in class order (the report's): no copy
         sorted_rows = rows.index_select(0, order)
         return unit_rows_into(sorted_rows) if self.cosine else sorted_rows  # (our copy)
 

@@ -217,9 +217,10 @@ def compute_report(
             FAR/FRR at the threshold (``0``: none).
         confidence: the intervals' level in (0, 1).
         seed: the bootstrap's seed (and of the FAR search's random guide).
-        overwrite: normalise ``embeddings`` and ``reference`` in place where they are
-            writable float32/float64 arrays and ``device`` is the CPU (the command line's
-            own loaded arrays): one copy of each set less.
+        overwrite: normalise ``embeddings`` and ``reference`` in place, and reorder
+            their rows by class (then group), where they are writable float32/float64
+            arrays and ``device`` is the CPU (the command line's own loaded arrays): one
+            copy of each set less.
 
     Raises:
         ValueError: bad settings or sets (e.g. a single class: no negative pair, or a
@@ -245,10 +246,14 @@ def compute_report(
         groups=None if groups is None else torch.as_tensor(groups),
         names=("embeddings", "labels", "reference", "reference labels"),
     )
+    # the rows (ours: normalised above) in the streams' order, so that no stream copies them
+    sets = _in_stream_order(sets)
     intervals = {"bootstrap": bootstrap, "confidence": confidence, "seed": seed}
     # OPIS (over the groups, with groups) and the calibrated threshold from one guide and
     # one pass over the pairs
-    evaluation = evaluate_sets(sets, far_range=far_range, target_far=target_far, **intervals)
+    evaluation = evaluate_sets(
+        sets, far_range=far_range, target_far=target_far, rows_are_unit=True, **intervals
+    )
     calibration = calibration_report(
         evaluation.threshold,
         ("far", float(target_far)),
@@ -262,7 +267,10 @@ def compute_report(
         group_result = result
         by_class = replace(sets, query_groups=None, group_values=None)
         result = opis_of_sets(
-            by_class, calibration_range=group_result.calibration_range, **intervals
+            by_class,
+            calibration_range=group_result.calibration_range,
+            rows_are_unit=True,
+            **intervals,
         )
     # R@1 and MAP@R in bounded memory (pml's k-NN search holds N x max R neighbours)
     knn, notes = _retrieval_metrics(sets)
@@ -305,6 +313,56 @@ def _unit_rows(
     if in_place:
         return unit_rows_into(source)
     return unit_rows_into(source, torch.empty(source.shape, dtype=dtype, device=device))
+
+
+def _stream_order(ids: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+    """The order a :class:`~pml_tcm.functional.streaming.PairStream` sorts rows in: by
+    class, then by group (both stable)."""
+    if groups is None:
+        return torch.argsort(ids, stable=True)
+    by_group = torch.argsort(groups, stable=True)
+    return by_group.index_select(0, torch.argsort(ids.index_select(0, by_group), stable=True))
+
+
+def permute_rows_(rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``rows[:] = rows[order]`` in place with one row of extra memory (CPU: by cycles;
+    elsewhere a copy is made and written back)."""
+    if rows.device.type != "cpu":
+        return rows.copy_(rows.index_select(0, order))
+    data, source = rows.numpy(), order.cpu().numpy()
+    done = source == np.arange(len(source))
+    for start in np.flatnonzero(~done).tolist():
+        if done[start]:
+            continue
+        held, row = data[start].copy(), start
+        while True:  # row takes the value of source[row]; the cycle closes at start
+            done[row] = True
+            take = int(source[row])
+            if take == start:
+                data[row] = held
+                break
+            data[row] = data[take]
+            row = take
+    return rows
+
+
+def _in_stream_order(sets: PreparedSets) -> PreparedSets:
+    """``sets`` with their rows (and ids, groups) permuted in place into the order the
+    streams sort them in (the report's numbers do not depend on the order)."""
+    order = _stream_order(sets.query_ids, sets.query_groups)
+    permute_rows_(sets.queries, order)
+    query_ids = sets.query_ids.index_select(0, order)
+    groups = None if sets.query_groups is None else sets.query_groups.index_select(0, order)
+    if sets.references_are_queries:
+        return replace(sets, query_ids=query_ids, reference_ids=query_ids, query_groups=groups)
+    reference_order = _stream_order(sets.reference_ids, None)
+    permute_rows_(sets.references, reference_order)
+    return replace(
+        sets,
+        query_ids=query_ids,
+        reference_ids=sets.reference_ids.index_select(0, reference_order),
+        query_groups=groups,
+    )
 
 
 def _retrieval_metrics(sets: PreparedSets) -> tuple[dict[str, float], list[str]]:
