@@ -264,9 +264,9 @@ def rate_replicates(
     row_sizes = sizes.index_select(0, strata).to(torch.float64)
     generator = torch.Generator().manual_seed(seed)
     sums = torch.empty(replicates, num_strata, 4, dtype=torch.float64)
-    other_sums = None if other is None else torch.empty(replicates, num_other, 4)
-    if other_sums is not None:
-        other_sums = other_sums.to(torch.float64)
+    other_sums = None
+    if other is not None:
+        other_sums = torch.empty(replicates, num_other, 4, dtype=torch.float64)
     step = max(1, REPLICATE_ELEMENTS // max(1, num_rows))
     for start in range(0, replicates, step):
         count = min(step, replicates - start)

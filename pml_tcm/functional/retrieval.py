@@ -107,14 +107,16 @@ def retrieval_metrics(
 
 def _check_settings(
     include: Sequence[str], max_bytes: int, chunk_size: int | None, num_workers: int | None
-) -> None:
-    _check_include(include)
+) -> tuple[str, ...]:
+    """The checked settings' ``include`` as a tuple (``ValueError`` naming a bad one)."""
+    include = _check_include(include)
     validation.check_chunk_size(chunk_size)
     for name, value in (("max_bytes", max_bytes), ("num_workers", num_workers)):
         if (value is not None or name == "max_bytes") and (
             not validation.is_integer(value) or value < 1
         ):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return include
 
 
 def retrieval_of_sets(
@@ -129,8 +131,7 @@ def retrieval_of_sets(
     """:func:`retrieval_metrics` of sets already prepared by
     :func:`~pml_tcm.functional.prepare.prepare_sets` (not checked again; the self pairs
     must be those of reference rows ``[0, N)``)."""
-    _check_settings(include, max_bytes, chunk_size, num_workers)
-    include = _check_include(include)
+    include = _check_settings(include, max_bytes, chunk_size, num_workers)
     if sets.self_offset not in (None, 0):
         raise ValueError("retrieval needs the queries at the start of the references")
     with torch.no_grad():

@@ -131,6 +131,15 @@ def dump_slots(count: int, base: int, device: torch.device) -> Tensor:
     return torch.arange(count, device=device).bitwise_and_(DUMP_SLOTS - 1).add_(base)
 
 
+def stream_order(labels: Tensor, groups: Tensor | None = None) -> Tensor:
+    """The order :class:`PairStream` holds rows in: by label, then by group within a
+    label (both stable). ``(N,)`` int64."""
+    if groups is None:
+        return torch.argsort(labels, stable=True)
+    by_group = torch.argsort(groups, stable=True)
+    return by_group.index_select(0, torch.argsort(labels.index_select(0, by_group), stable=True))
+
+
 LARGE_CLASS_REFERENCES = 256
 """A query class with at least this many references is *large*: its rows are streamed in
 chunks of their own, the columns of the other classes (all negative pairs) in the main
@@ -304,13 +313,7 @@ class PairStream:
         rows_are_unit: bool = False,
     ) -> None:
         self.rows_are_unit = rows_are_unit
-        if query_groups is None:
-            query_order = torch.argsort(query_labels, stable=True)
-        else:  # by class, then by group within a class
-            by_group = torch.argsort(query_groups, stable=True)
-            query_order = by_group.index_select(
-                0, torch.argsort(query_labels.index_select(0, by_group), stable=True)
-            )
+        query_order = stream_order(query_labels, query_groups)
         same_sets = references is queries and reference_labels is query_labels
         reference_order = query_order if same_sets else torch.argsort(reference_labels, stable=True)
         self.cosine = score_fn is cosine_similarity_scores

@@ -29,6 +29,7 @@ from ..functional.normalize import unit_rows_into
 from ..functional.opis import OPISResult, evaluate_sets, opis_of_sets
 from ..functional.prepare import PreparedSets, prepare_sets
 from ..functional.retrieval import RETRIEVAL_METRICS, RetrievalMemoryError, retrieval_of_sets
+from ..functional.streaming import stream_order
 from .inputs import ReportInputError, require_pairs
 
 REPORT_METRICS = ("precision_at_1", "mean_average_precision_at_r", "opis", "eps_opis")
@@ -315,15 +316,6 @@ def _unit_rows(
     return unit_rows_into(source, torch.empty(source.shape, dtype=dtype, device=device))
 
 
-def _stream_order(ids: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
-    """The order a :class:`~pml_tcm.functional.streaming.PairStream` sorts rows in: by
-    class, then by group (both stable)."""
-    if groups is None:
-        return torch.argsort(ids, stable=True)
-    by_group = torch.argsort(groups, stable=True)
-    return by_group.index_select(0, torch.argsort(ids.index_select(0, by_group), stable=True))
-
-
 def permute_rows_(rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """``rows[:] = rows[order]`` in place with one row of extra memory (CPU: by cycles;
     elsewhere a copy is made and written back)."""
@@ -349,13 +341,13 @@ def permute_rows_(rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 def _in_stream_order(sets: PreparedSets) -> PreparedSets:
     """``sets`` with their rows (and ids, groups) permuted in place into the order the
     streams sort them in (the report's numbers do not depend on the order)."""
-    order = _stream_order(sets.query_ids, sets.query_groups)
+    order = stream_order(sets.query_ids, sets.query_groups)
     permute_rows_(sets.queries, order)
     query_ids = sets.query_ids.index_select(0, order)
     groups = None if sets.query_groups is None else sets.query_groups.index_select(0, order)
     if sets.references_are_queries:
         return replace(sets, query_ids=query_ids, reference_ids=query_ids, query_groups=groups)
-    reference_order = _stream_order(sets.reference_ids, None)
+    reference_order = stream_order(sets.reference_ids)
     permute_rows_(sets.references, reference_order)
     return replace(
         sets,
