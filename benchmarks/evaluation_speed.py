@@ -40,7 +40,7 @@ def make_data(n: int, classes: int, device: str):
 def floor_pass(x: torch.Tensor) -> None:
     from pml_tcm.functional.streaming import default_chunk_size
 
-    chunk = default_chunk_size(x.shape[0])
+    chunk = default_chunk_size(x.shape[0], x.device)
     buffer = x.new_empty(chunk * x.shape[0])
     for start in range(0, x.shape[0], chunk):
         rows = x[start : start + chunk]

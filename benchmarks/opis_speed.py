@@ -61,7 +61,7 @@ def run_floor(x, y):
 
     from pml_tcm.functional.streaming import default_chunk_size
 
-    chunk = default_chunk_size(x.shape[0])
+    chunk = default_chunk_size(x.shape[0], x.device)
     q = F.normalize(x, dim=1)
     total = 0.0
     for s in range(0, x.shape[0], chunk):
@@ -76,7 +76,7 @@ def run_floor_buffered(x, y):
 
     from pml_tcm.functional.streaming import default_chunk_size
 
-    chunk = default_chunk_size(x.shape[0])
+    chunk = default_chunk_size(x.shape[0], x.device)
     q = F.normalize(x, dim=1)
     buffer = x.new_empty(min(chunk, x.shape[0]) * x.shape[0])
     total = 0.0

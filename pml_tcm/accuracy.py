@@ -75,7 +75,8 @@ class OPISAccuracyCalculator(AccuracyCalculator):
             matches when its distance is ``<= t``. Given explicitly (and no ``knn_func``),
             pml's k-NN metrics rank with it too (``CustomKNN(distance)``), so one result
             never mixes two geometries; by default pml's own ``knn_func`` is kept.
-        chunk_size: query rows per streamed block (default: a block of about 2^26 scores).
+        chunk_size: query rows per streamed block (default: a block of about 2^23 scores on
+            the CPU, 2^26 on an accelerator).
         shard_queries: ``False`` (default) never communicates: each process evaluates
             what it is given, with or without a process group (rank 0 alone while the
             others wait, or each rank its own shard). ``True`` splits the queries over the

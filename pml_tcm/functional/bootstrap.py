@@ -35,6 +35,10 @@ REPLICATE_ELEMENTS = 1 << 22
 CLASS_BLOCK_ELEMENTS = 1 << 22
 """Curve values (float64) computed at a time."""
 
+DRAW_ELEMENTS = 1 << 20
+"""Query draws (replicates × queries) of :func:`rate_replicates` made at a time (each
+costs about 56 bytes of temporaries: its draw, its index and its four counts)."""
+
 
 def check_bootstrap_settings(bootstrap: int, confidence: float, seed: int) -> None:
     """Raise a ``ValueError`` naming the argument."""
@@ -267,7 +271,7 @@ def rate_replicates(
     other_sums = None
     if other is not None:
         other_sums = torch.empty(replicates, num_other, 4, dtype=torch.float64)
-    step = max(1, REPLICATE_ELEMENTS // max(1, num_rows))
+    step = max(1, DRAW_ELEMENTS // max(1, num_rows))
     for start in range(0, replicates, step):
         count = min(step, replicates - start)
         # a uniform draw within the row's stratum: start + ⌊u · size⌋ (u < 1)

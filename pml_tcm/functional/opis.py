@@ -536,6 +536,9 @@ def evaluate_sets(
         retained=retained,
         threshold=threshold,
     )
+    # the pass is over: its buffers and pairs need not stand beside the bootstrap's
+    stream.release_buffers()
+    retained = None
     positives, negatives = stream.pair_totals()
     state = OPISState(positive_histogram, negative_histogram, positives, negatives)
     if distributed:

@@ -110,11 +110,7 @@ def prepare_embeddings(value: Any, name: str, *, require_direction: bool = True)
         raise ValueError(f"{name} has embedding size 0")
     embeddings = embeddings.detach()
     embeddings = embeddings.to(evaluation_dtype(embeddings.dtype))
-    if require_direction:
-        check_embeddings_values(embeddings, name)
-    elif not bool(torch.isfinite(embeddings).all()):
-        row = int((~torch.isfinite(embeddings).all(dim=1)).nonzero()[0, 0])
-        raise ValueError(f"{name} contains NaN or Inf (first at row {row})")
+    check_embeddings_values(embeddings, name, require_direction=require_direction)
     return embeddings
 
 

@@ -239,13 +239,30 @@ def _plan(
     return rows, min(group, rows)
 
 
+GATHER_BYTES = 2**24
+"""Query rows copied at a time for one block of scores (a chunk's rows are gathered in
+pieces this size: with wide rows a chunk's rows would otherwise be a copy of the set)."""
+
+
 def _scores(queries: Tensor, refs: Tensor, chunk: Tensor, buffer: Tensor) -> np.ndarray:
     """``(len(chunk), M)`` similarities of the chunk's queries, in ``buffer`` (host)."""
     block = buffer[: chunk.numel()]
-    if queries.device.type == "cpu":
-        unit_products(queries[chunk], refs, out=block)
-    else:
-        block.copy_(unit_products(queries[chunk.to(queries.device)], refs))
+    first, size = int(chunk[0]), chunk.numel()
+    # the usual case (every query has a positive, rows by class): the rows are a view
+    consecutive = bool((chunk == torch.arange(first, first + size)).all())
+    step = (
+        size if consecutive else max(1, GATHER_BYTES // (queries.shape[1] * queries.element_size()))
+    )
+    for start in range(0, size, step):
+        if consecutive:
+            rows = queries[first : first + size]
+        else:
+            rows = queries.index_select(0, chunk[start : start + step].to(queries.device))
+        target = block[start : start + rows.shape[0]]
+        if queries.device.type == "cpu":
+            unit_products(rows, refs, out=target)
+        else:
+            target.copy_(unit_products(rows, refs))
     return block.numpy()
 
 

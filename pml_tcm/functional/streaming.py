@@ -49,6 +49,10 @@ ScoreFn = Callable[[Tensor, Tensor], Tensor]
 """``(queries (n, D), references (M, D)) -> scores (n, M)``, floating point."""
 
 DEFAULT_BLOCK_ELEMENTS = 1 << 26
+"""Scores per block on an accelerator (kernel launches per chunk dominate small blocks)."""
+CPU_BLOCK_ELEMENTS = 1 << 23
+"""Scores per block on the CPU: the block (32 MiB in float32) stands beside the data
+(no slower than larger blocks there, and a quarter of a 125 MB set's size)."""
 MAX_CHUNK_ROWS = 4096
 
 
@@ -91,9 +95,13 @@ def cosine_similarity_scores(queries: Tensor, references: Tensor) -> Tensor:
     return unit_products(unit_rows(queries), unit_rows(references))
 
 
-def default_chunk_size(num_references: int) -> int:
-    """Query rows per chunk: an ``(rows, M)`` block of about 2^26 scores, 1..4096 rows."""
-    return max(1, min(MAX_CHUNK_ROWS, DEFAULT_BLOCK_ELEMENTS // max(1, num_references)))
+def default_chunk_size(num_references: int, device: torch.device | str | None = None) -> int:
+    """Query rows per chunk: an ``(rows, M)`` block of about :data:`CPU_BLOCK_ELEMENTS`
+    scores on the CPU (``device`` ``None`` or CPU), :data:`DEFAULT_BLOCK_ELEMENTS`
+    elsewhere; 1..4096 rows."""
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    elements = CPU_BLOCK_ELEMENTS if on_cpu else DEFAULT_BLOCK_ELEMENTS
+    return max(1, min(MAX_CHUNK_ROWS, elements // max(1, num_references)))
 
 
 def ceil_to_dtype(value: float, dtype: torch.dtype) -> float:
@@ -339,7 +347,9 @@ class PairStream:
             self.self_columns = position.index_select(0, query_order + self_offset)
         self.score_fn = score_fn
         self.higher_is_closer = higher_is_closer
-        self.chunk_size = chunk_size or default_chunk_size(self.references.shape[0])
+        self.chunk_size = chunk_size or default_chunk_size(
+            self.references.shape[0], self.references.device
+        )
         self.reference_first = torch.searchsorted(self.reference_labels, classes)
         self.reference_count = (
             torch.searchsorted(self.reference_labels, classes, right=True) - self.reference_first
@@ -462,6 +472,11 @@ class PairStream:
         """Sums of a per-row ``(..., N)`` int64 tensor per accounting unit: ``(..., U)``."""
         out = per_row.new_zeros(*per_row.shape[:-1], self.num_units)
         return out.index_add_(-1, self.query_unit, per_row)
+
+    def release_buffers(self) -> None:
+        """Free the score block and the mask kept between chunks (made again if needed):
+        what stays is the stream's rows and per-row bookkeeping."""
+        self._score_buffer = self._mask_buffer = None
 
     def _block_capacity(self) -> int:
         """Scores in the largest block: ``min(chunk_size, N) · M``."""

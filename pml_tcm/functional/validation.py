@@ -65,15 +65,30 @@ def check_labels(labels: Tensor, num_samples: int, name: str = "labels") -> None
         )
 
 
-def check_embeddings_values(embeddings: Tensor, name: str = "embeddings") -> None:
-    """Reject NaN/Inf entries and zero-norm rows (cosine similarity is undefined there).
+VALUE_CHECK_BYTES = 1 << 24
+"""Rows checked at a time by :func:`check_embeddings_values` (its temporaries stay this
+small: ``torch.isfinite`` of a whole set costs several times the set)."""
 
-    One host-device synchronisation on the happy path.
+
+def check_embeddings_values(
+    embeddings: Tensor, name: str = "embeddings", *, require_direction: bool = True
+) -> None:
+    """Reject NaN/Inf entries and (with ``require_direction``) zero-norm rows (cosine
+    similarity is undefined there). ``embeddings``: ``(N, D)``.
+
+    Checked a block of rows at a time; one host-device synchronisation on the happy path.
     """
     if embeddings.numel() == 0:
         return
-    finite_rows = torch.isfinite(embeddings).all(dim=1)
-    nonzero_rows = (embeddings != 0).any(dim=1)
+    rows = embeddings.shape[0]
+    finite_rows = torch.empty(rows, dtype=torch.bool, device=embeddings.device)
+    nonzero_rows = torch.ones_like(finite_rows)
+    step = max(1, VALUE_CHECK_BYTES // (embeddings[0].numel() * embeddings.element_size()))
+    for start in range(0, rows, step):
+        block = embeddings[start : start + step]
+        torch.all(torch.isfinite(block), dim=1, out=finite_rows[start : start + step])
+        if require_direction:
+            torch.any(block != 0, dim=1, out=nonzero_rows[start : start + step])
     if bool((finite_rows & nonzero_rows).all()):
         return
     if not bool(finite_rows.all()):
