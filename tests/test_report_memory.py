@@ -125,7 +125,7 @@ def test_the_value_check_of_a_set_needs_no_set_sized_temporaries():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_retrieval_of_wide_unit_rows_copies_no_chunk_of_them():
     # the chunk's query rows were gathered (a copy of the whole set when it fits one chunk)
-    setup = WIDE_SET + (
+    setup = WIDE_SET.replace("32768", "65536") + (  # 250 MiB
         "from pml_tcm.functional.prepare import prepare_sets\n"
         "data, warm = prepare_sets(data, labels), prepare_sets(warm, labels[:64])\n"
     )
@@ -134,7 +134,9 @@ def test_retrieval_of_wide_unit_rows_copies_no_chunk_of_them():
         "from pml_tcm.functional.retrieval import retrieval_of_sets\n"
         "retrieval_of_sets(WORK, rows_are_unit=True)",
     )
-    assert growth < 80, growth  # MiB, for a 125 MiB set: the score buffer (127 before)
+    # MiB, for a 250 MiB set: a 4 MiB score buffer and the ranking threads' allocations
+    # (which vary by tens of MiB from run to run); a copy of the rows alone is 250
+    assert growth < 160, growth
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import host
 from .normalize import unit_rows, unit_rows_into
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -503,6 +504,8 @@ class PairStream:
         """Row-major positions (``row · width + column``) of the entries ``>= floor``; NaN
         never passes. One compare into a reused mask, then ``nonzero`` over the mask read
         as 64-bit words (eight entries each) and over the few words that hold a hit."""
+        if block.device.type == "cpu" and block.dtype in (torch.float32, torch.float64):
+            return host.positions_at_or_above(block, ceil_to_dtype(floor, block.dtype))
         count = block.numel()
         padded = -(-count // 8) * 8
         if self._mask_buffer is None or self._mask_buffer.numel() < padded:

@@ -1,0 +1,99 @@
+"""The NumPy kernels of the CPU pass (``pml_tcm.functional.host``) against naive torch
+references: the positions of the scores at or above a floor, and the grid histogram with
+its exact edges; and a pool that survives ``fork``."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import sys
+
+import pytest
+import torch
+
+from pml_tcm.functional import host
+from pml_tcm.functional.counting import ceil_grid
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(0, 5), (1, 1), (3, 7), (37, host.FILTER_TILE // 16 + 3)])
+def test_positions_at_or_above_are_the_naive_nonzero(dtype, shape):
+    gen = torch.Generator().manual_seed(sum(shape))
+    block = torch.rand(shape, generator=gen, dtype=torch.float64).to(dtype)
+    if block.numel() > 4:
+        flat = block.view(-1)
+        flat[0], flat[1], flat[2], flat[3] = math.nan, math.inf, -math.inf, 0.75
+    for floor in (0.75, 0.999, -math.inf, 2.0):
+        expected = (block >= floor).reshape(-1).nonzero().squeeze(1)
+        assert torch.equal(host.positions_at_or_above(block, floor), expected)
+
+
+def test_positions_use_every_thread_and_keep_the_order(monkeypatch):
+    monkeypatch.setattr(host, "FILTER_TILE", 64)  # many tiles over the pool's threads
+    gen = torch.Generator().manual_seed(1)
+    block = torch.rand(50, 101, generator=gen)
+    expected = (block >= 0.5).reshape(-1).nonzero().squeeze(1)
+    with _threads(2):
+        assert torch.equal(host.positions_at_or_above(block, 0.5), expected)
+
+
+def _naive_histogram(values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Bucket k: exactly k grid points <= value (float64 comparisons of the values with
+    the grid rounded up to their dtype), by brute force."""
+    edges = ceil_grid(grid, values.dtype).to(torch.float64)
+    below = (values.to(torch.float64)[:, None] >= edges[None, :]).sum(1)
+    return torch.bincount(below, minlength=grid.shape[0] + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bucket_histogram_counts_exactly_at_the_edges(dtype, monkeypatch):
+    monkeypatch.setattr(host, "HISTOGRAM_TILE", 1000)
+    lo, hi, size = 0.2, 0.28, 101
+    grid = torch.linspace(lo, hi, size, dtype=torch.float64)
+    edges = ceil_grid(grid, dtype)
+    gen = torch.Generator().manual_seed(2)
+    just_below = torch.nextafter(edges, torch.full_like(edges, -math.inf))
+    values = torch.cat(
+        [
+            torch.rand(5000, generator=gen, dtype=torch.float64).to(dtype) * 0.2 + 0.15,
+            edges,  # on a grid point: counted with it
+            just_below,  # one step below: not
+            torch.tensor([-1.0, 1.0, lo, hi], dtype=dtype),
+        ]
+    )
+    lo_edge, hi_edge = float(edges[0]), float(edges[-1])
+    scale = (size - 1) / (hi_edge - lo_edge)
+    shift = torch.tensor(0.75 - lo_edge * scale, dtype=dtype)
+    next_edges = torch.cat([edges, torch.tensor([math.nan], dtype=dtype)])
+    with _threads(2):
+        counted = host.bucket_histogram(values, next_edges, scale, shift)
+    assert torch.equal(counted, _naive_histogram(values, grid))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_a_forked_child_gets_a_working_pool(monkeypatch):
+    monkeypatch.setattr(host, "FILTER_TILE", 256)  # several tiles: the pool is used
+    with _threads(2):
+        host.positions_at_or_above(torch.rand(64, 64), 0.5)  # the parent's pool exists
+        context = multiprocessing.get_context("fork")
+        with context.Pool(1) as pool:
+            result = pool.apply_async(_count_in_child)
+            assert result.get(timeout=30) == int((torch.arange(4096.0) >= 100).sum())
+
+
+def _count_in_child() -> int:
+    torch.set_num_threads(2)  # (a forked child may start with one)
+    block = torch.arange(4096.0).view(64, 64)
+    return int(host.positions_at_or_above(block, 100.0).numel())
+
+
+class _threads:
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __enter__(self) -> None:
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.count)
+
+    def __exit__(self, *_: object) -> None:
+        torch.set_num_threads(self.before)
