@@ -1,7 +1,7 @@
 """The checks to run when a CUDA GPU is at hand, then both benchmarks on it.
 
     python benchmarks/gpu_check.py            # checks only, about two minutes
-    python benchmarks/gpu_check.py --bench    # then tcm_speed.py and opis_speed.py on CUDA
+    python benchmarks/gpu_check.py --bench    # then tcm_speed, opis_speed, evaluation_speed
 
 Each check prints ``[PASS]``/``[FAIL]`` with what it measured; a failure names the
 pml_tcm file:line it came from. The checks: host syncs of the TCM step in eager mode
@@ -355,13 +355,15 @@ def main() -> int:
     print(f"\n{len(FAILURES)} failed: {FAILURES}", flush=True)
     if args.bench:
         here = os.path.dirname(os.path.abspath(__file__))
-        for script, sizes in (
-            ("tcm_speed.py", ["256", "1024", "4096", "16384"]),
-            ("opis_speed.py", ["5000", "20000", "100000"]),
+        for script, options in (
+            ("tcm_speed.py", ["--sizes", "256", "1024", "4096", "16384"]),
+            ("opis_speed.py", ["--sizes", "5000", "20000", "100000"]),
+            # OPIS, calibration and the whole report against the matmul floor (target <= 3x)
+            ("evaluation_speed.py", ["--sizes", "100000", "--threads", "16"]),
         ):
-            print(f"\n$ python benchmarks/{script} --device cuda --sizes {' '.join(sizes)}")
+            print(f"\n$ python benchmarks/{script} --device cuda {' '.join(options)}")
             subprocess.run(
-                [sys.executable, os.path.join(here, script), "--device", "cuda", "--sizes", *sizes],
+                [sys.executable, os.path.join(here, script), "--device", "cuda", *options],
                 check=False,
             )
     return 1 if FAILURES else 0

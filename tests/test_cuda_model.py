@@ -275,6 +275,25 @@ def test_opis_syncs_with_large_classes_do_not_grow_with_chunks(monkeypatch):
     assert counts[4] == counts[16] <= OPIS_SYNC_BOUND["far"], counts
 
 
+def test_single_class_opis_syncs_do_not_grow_with_chunks():
+    # no negative pair: the range is the positive scores' (it read each chunk's back);
+    # one large class, one slab per chunk
+    x, _ = _clustered(400)
+    y = torch.zeros(400, dtype=torch.int64)
+    counts = {}
+    for chunks in (4, 16):
+        with CudaRules() as rules:
+            result = opis(on_model_device(x), on_model_device(y), chunk_size=400 // chunks)
+        assert not rules.mismatches(), _describe(rules.mismatches())
+        counts[chunks] = len(rules.syncs())
+    assert counts[4] == counts[16], counts
+    unit = torch.nn.functional.normalize(x.double(), dim=1)
+    off_diagonal = (unit @ unit.T)[~torch.eye(400, dtype=torch.bool)]
+    low, high = result.calibration_range
+    assert low == pytest.approx(float(off_diagonal.min()), abs=1e-6)
+    assert high == pytest.approx(float(off_diagonal.max()), abs=1e-6)
+
+
 @pytest.mark.parametrize("grouped", [False, True], ids=["classes", "groups"])
 def test_calibration_on_the_device_equals_cpu(grouped):
     x, y = _clustered(240)

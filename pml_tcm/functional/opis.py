@@ -595,10 +595,12 @@ def _positive_score_range(stream: PairStream, distributed: bool) -> tuple[float,
     when there is no negative pair)."""
     extremes = torch.full((2,), math.inf, dtype=torch.float64, device=stream.queries.device)
     for values in stream.positive_values():
-        values = values[torch.isfinite(values)].to(torch.float64)
-        if values.numel():
-            extremes[0] = torch.minimum(extremes[0], values.min())
-            extremes[1] = torch.minimum(extremes[1], -values.max())
+        if values.numel():  # (NaN, a slab's self pairs, is left out by masking: no sync)
+            values = values.to(torch.float64)
+            finite = torch.isfinite(values)
+            low = torch.where(finite, values, math.inf).amin()
+            high = torch.where(finite, -values, math.inf).amin()
+            extremes = torch.minimum(extremes, torch.stack([low, high]))
     all_reduce(extremes, distributed=distributed, op="min")
     if not math.isfinite(float(extremes[0])):
         return (0.0, 0.0)
