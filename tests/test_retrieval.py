@@ -14,6 +14,7 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 import pml_tcm.report.compute as embedding_report
 from pml_tcm.cli import main
+from pml_tcm.functional import streaming
 from pml_tcm.functional.retrieval import (
     RETRIEVAL_METRICS,
     SELF_SCORE,
@@ -220,11 +221,13 @@ def test_report_skips_what_does_not_fit_with_one_line(monkeypatch, tmp_path, cap
     )
     np.save(tmp_path / "emb.npy", embeddings)
     np.save(tmp_path / "labels.npy", labels)
+    # both classes large: their queries are ranked by the budgeted pass, not in the OPIS pass
+    monkeypatch.setattr(streaming, "LARGE_CLASS_REFERENCES", 50)
     for budget, skipped in ((4000, [MAP]), (2000, [P1, MAP])):
         small = functools.partial(
-            embedding_report.retrieval_of_sets, max_bytes=budget, num_workers=1
+            embedding_report.retrieval_sums_of_sets, max_bytes=budget, num_workers=1
         )
-        monkeypatch.setattr(embedding_report, "retrieval_of_sets", small)
+        monkeypatch.setattr(embedding_report, "retrieval_sums_of_sets", small)
         report = embedding_report.compute_report(embeddings, labels)
         assert [k for k in RETRIEVAL_METRICS if math.isnan(report.metrics[k])] == skipped
         assert len(report.notes) == 1 and "skipped" in report.notes[0]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -36,6 +36,7 @@ tiles: each NumPy call takes the GIL once)."""
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 # a forked child inherits the pools but not their threads: work sent there would wait forever
 os.register_at_fork(after_in_child=_POOLS.clear)
+S = TypeVar("S")
 T = TypeVar("T")
 _SCRATCH = threading.local()
 
@@ -50,14 +51,15 @@ def _scratch(name: str, size: int, dtype: type) -> np.ndarray:
     return kept[:size]
 
 
-def _map(work: Callable[[int], T], starts: range) -> Iterable[T]:
-    """``work`` of each start, in order, on up to ``torch.get_num_threads()`` threads."""
-    workers = min(torch.get_num_threads(), len(starts))
+def map_on_threads(work: Callable[[S], T], items: Sequence[S]) -> Iterable[T]:
+    """``work`` of each item, in order, on up to ``torch.get_num_threads()`` threads (a
+    pool made on first use and kept)."""
+    workers = min(torch.get_num_threads(), len(items))
     if workers <= 1:
-        return map(work, starts)
+        return map(work, items)
     if workers not in _POOLS:  # made on first use and kept
         _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="pml-tcm")
-    return _POOLS[workers].map(work, starts)
+    return _POOLS[workers].map(work, items)
 
 
 def positions_at_or_above(block: Tensor, floor: float) -> Tensor:
@@ -75,7 +77,7 @@ def positions_at_or_above(block: Tensor, floor: float) -> Tensor:
         hits += start
         return hits
 
-    parts = list(_map(find, range(0, data.shape[0], FILTER_TILE)))
+    parts = list(map_on_threads(find, range(0, data.shape[0], FILTER_TILE)))
     if not parts:
         return torch.zeros(0, dtype=torch.int64)
     return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0])
@@ -108,6 +110,6 @@ def bucket_histogram(values: Tensor, next_edges: Tensor, scale: float, shift: Te
         return torch.bincount(torch.from_numpy(buckets), minlength=size + 1)
 
     total = torch.zeros(size + 1, dtype=torch.int64)
-    for part in _map(count, range(0, data.shape[0], HISTOGRAM_TILE)):
+    for part in map_on_threads(count, range(0, data.shape[0], HISTOGRAM_TILE)):
         total += part
     return total

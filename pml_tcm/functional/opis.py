@@ -20,6 +20,7 @@ distance, with the curves reordered to match.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,7 @@ from .far_search import (
     num_negative_pairs,
 )
 from .prepare import PreparedSets, prepare_sets
+from .retrieval import RankSums, StreamRanking
 from .streaming import ChunkPairs, PairStream, ScoreFn, cosine_similarity_scores
 
 
@@ -454,12 +456,18 @@ class Evaluation:
         threshold: the closeness threshold of ``target_far`` (``None`` without one).
         classes: ``(C,)`` int64 sorted query class ids (``errors.classes`` index them).
         errors: this rank's per-query counts at ``threshold`` (``None`` without one).
+        ranked: with ``rank``, the R@1 / MAP@R sums of the queries ranked in the pass
+            (``None`` when the pass could not rank: another score, a sync-free stream).
+        unranked: with ``ranked``, ``(K,)`` int64 the rows of ``sets.queries`` it left
+            out (the large classes': their rows are never scored whole in one block).
     """
 
     opis: OPISResult
     threshold: float | None = None
     classes: Tensor | None = None
     errors: QueryErrors | None = None
+    ranked: RankSums | None = None
+    unranked: Tensor | None = None
 
 
 def evaluate_sets(
@@ -481,6 +489,7 @@ def evaluate_sets(
     bootstrap: int = 0,
     confidence: float = 0.95,
     rows_are_unit: bool = False,
+    rank: Sequence[str] = (),
 ) -> Evaluation:
     """OPIS and, with ``target_far``, the threshold of that FAR with its per-class error
     counts, from one guide and one pass: the three FAR ranks (``far_range`` and
@@ -488,7 +497,10 @@ def evaluate_sets(
     counted with the grid (same numbers as :func:`opis` and
     :func:`~pml_tcm.functional.calibration.calibrate_closeness_threshold`). The OPIS rows
     are the groups when ``sets`` has them; ``bootstrap`` replicates give its intervals;
-    ``rows_are_unit``: see :class:`~pml_tcm.functional.streaming.PairStream`."""
+    ``rows_are_unit``: see :class:`~pml_tcm.functional.streaming.PairStream`. ``rank``
+    (retrieval metric names, cosine on the CPU): the queries whose rows the pass scores
+    whole are ranked there too (:class:`~pml_tcm.functional.retrieval.StreamRanking`),
+    into :attr:`Evaluation.ranked`."""
     classes = global_classes(sets.query_ids, distributed=distributed)
     stream = PairStream(
         queries=sets.queries,
@@ -504,6 +516,10 @@ def evaluate_sets(
         num_groups=sets.num_groups,
         rows_are_unit=rows_are_unit,
     )
+    ranking = None
+    if rank and stream.cosine and higher_is_closer and not stream.sync_free:
+        if stream.queries.device.type == "cpu":
+            ranking = stream.row_hook = StreamRanking(stream, rank)
     retained = None
     threshold = None
     if target_far is not None or calibration_range is None:
@@ -536,6 +552,10 @@ def evaluate_sets(
         retained=retained,
         threshold=threshold,
     )
+    ranked = unranked = None
+    if ranking is not None:
+        ranked, stream.row_hook = ranking.sums, None
+        unranked = stream.query_order.cpu().index_select(0, stream.unhooked_rows())
     # the pass is over: its buffers and pairs need not stand beside the bootstrap's
     stream.release_buffers()
     retained = None
@@ -559,9 +579,9 @@ def evaluate_sets(
         result.eps_opis_interval = _pair(percentile_interval(eps_values, confidence))
         result.confidence = float(confidence)
     if threshold is None:
-        return Evaluation(result)
+        return Evaluation(result, ranked=ranked, unranked=unranked)
     errors = QueryErrors.of_stream(stream, *accepted)
-    return Evaluation(result, threshold, classes, errors)
+    return Evaluation(result, threshold, classes, errors, ranked, unranked)
 
 
 def _pair(interval: Tensor) -> tuple[float, float]:

@@ -21,17 +21,18 @@ groups of rows spread over ``num_workers`` threads.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import validation
+from . import host, validation
 from .normalize import unit_rows_into
 from .prepare import PreparedSets, prepare_sets
-from .streaming import unit_products
+from .streaming import PairStream, unit_products
 
 RETRIEVAL_METRICS = ("precision_at_1", "mean_average_precision_at_r")
 DEFAULT_MAX_BYTES = 256 * 2**20
@@ -132,6 +133,55 @@ def retrieval_of_sets(
     :func:`~pml_tcm.functional.prepare.prepare_sets` (not checked again; the self pairs
     must be those of reference rows ``[0, N)``)."""
     include = _check_settings(include, max_bytes, chunk_size, num_workers)
+    sums = retrieval_sums_of_sets(
+        sets,
+        include=include,
+        max_bytes=max_bytes,
+        chunk_size=chunk_size,
+        num_workers=num_workers,
+        rows_are_unit=rows_are_unit,
+    )
+    return sums.metrics(include)
+
+
+@dataclass
+class RankSums:
+    """Sums over queries that add (chunks, row subsets): hits at 1, AP@R, and the queries
+    counted (those with a positive)."""
+
+    hits: int = 0
+    precision: float = 0.0
+    queries: int = 0
+
+    def __add__(self, other: RankSums) -> RankSums:
+        return RankSums(
+            self.hits + other.hits, self.precision + other.precision, self.queries + other.queries
+        )
+
+    def metrics(self, include: Sequence[str] = RETRIEVAL_METRICS) -> dict[str, float]:
+        """``{metric: mean over the queries}`` (NaN without a query)."""
+        if self.queries == 0:
+            return dict.fromkeys(include, float("nan"))
+        values = {
+            "precision_at_1": self.hits / self.queries,
+            "mean_average_precision_at_r": self.precision / self.queries,
+        }
+        return {name: values[name] for name in include}
+
+
+def retrieval_sums_of_sets(
+    sets: PreparedSets,
+    *,
+    include: Sequence[str] = RETRIEVAL_METRICS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    chunk_size: int | None = None,
+    num_workers: int | None = None,
+    rows_are_unit: bool = False,
+    rows: Tensor | None = None,
+) -> RankSums:
+    """The :class:`RankSums` of :func:`retrieval_of_sets`, over the query rows ``rows``
+    (``(K,)`` int64 indices into ``sets.queries``; ``None``: all)."""
+    include = _check_settings(include, max_bytes, chunk_size, num_workers)
     if sets.self_offset not in (None, 0):
         raise ValueError("retrieval needs the queries at the start of the references")
     with torch.no_grad():
@@ -146,7 +196,18 @@ def retrieval_of_sets(
             chunk_size,
             num_workers or max(1, torch.get_num_threads()),
             rows_are_unit,
+            None if rows is None else rows.cpu().numpy(),
         )
+
+
+def _positive_counts(
+    query_labels: np.ndarray, ref_labels: np.ndarray, ref_includes_query: bool
+) -> np.ndarray:
+    """``R`` of each query: its references of the same label, less its own copy."""
+    classes, class_sizes = np.unique(ref_labels, return_counts=True)
+    where = np.searchsorted(classes, query_labels).clip(max=len(classes) - 1)
+    found = classes[where] == query_labels
+    return np.where(found, class_sizes[where], 0) - int(ref_includes_query)
 
 
 def _metrics(
@@ -160,7 +221,8 @@ def _metrics(
     chunk_size: int | None,
     num_workers: int,
     rows_are_unit: bool = False,
-) -> dict[str, float]:
+    rows: np.ndarray | None = None,
+) -> RankSums:
     dtype = query.dtype if query.dtype in (torch.float32, torch.float64) else torch.float32
 
     def unit(rows: Tensor) -> Tensor:
@@ -168,49 +230,108 @@ def _metrics(
             return rows
         return unit_rows_into(rows, torch.empty(rows.shape, dtype=dtype, device=query.device))
 
+    query_labels, ref_labels = query_labels.cpu().numpy(), ref_labels.cpu().numpy()
+    positives = _positive_counts(query_labels, ref_labels, ref_includes_query)
+    order = np.flatnonzero(positives > 0)  # pml leaves queries without a positive out
+    if rows is not None:
+        order = np.intersect1d(order, rows)
+    if order.size == 0:
+        return RankSums()
     queries = unit(query)
     refs = queries if ref_emb is None else unit(ref_emb)
-    query_labels, ref_labels = query_labels.cpu().numpy(), ref_labels.cpu().numpy()
-    classes, class_sizes = np.unique(ref_labels, return_counts=True)
-    where = np.searchsorted(classes, query_labels).clip(max=len(classes) - 1)
-    found = classes[where] == query_labels
-    positives = np.where(found, class_sizes[where], 0) - int(ref_includes_query)
-    order = np.flatnonzero(positives > 0)  # pml leaves queries without a positive out
-    if order.size == 0:
-        return dict.fromkeys(include, float("nan"))
     order = order[np.argsort(query_labels[order], kind="stable")]
     depth = int(positives[order].max()) if "mean_average_precision_at_r" in include else 1
-    rows, group = _plan(refs.shape[0], dtype.itemsize, depth, num_workers, max_bytes)
-    rows = min(rows, chunk_size or order.size, order.size)
-    buffer = torch.empty((rows, refs.shape[0]), dtype=dtype)
-    inverse_rank = 1.0 / np.arange(1, depth + 1, dtype=np.float64)
-
-    def rank(task: tuple[np.ndarray, int, int]) -> tuple[int, float]:
-        scores, label, r = task
-        return _rank(scores, ref_labels == label, min(r, depth), inverse_rank)
-
-    hits, precision_sum = 0, 0.0
+    chunk_rows, group = _plan(refs.shape[0], dtype.itemsize, depth, num_workers, max_bytes)
+    chunk_rows = min(chunk_rows, chunk_size or order.size, order.size)
+    buffer = torch.empty((chunk_rows, refs.shape[0]), dtype=dtype)
+    ranker = RowRanker(ref_labels, depth, group)
+    sums = RankSums()
     with ThreadPoolExecutor(num_workers) as pool:
-        for start in range(0, order.size, rows):
-            chunk = order[start : start + rows]
+        for start in range(0, order.size, chunk_rows):
+            chunk = order[start : start + chunk_rows]
             scores = _scores(queries, refs, torch.from_numpy(chunk), buffer)
             if ref_includes_query:
                 scores[np.arange(chunk.size), chunk] = SELF_SCORE
-            labels = query_labels[chunk]
-            bounds = [0, *(np.flatnonzero(np.diff(labels)) + 1).tolist(), chunk.size]
-            tasks = [
-                (scores[g : min(g + group, high)], labels[low], int(positives[chunk[low]]))
-                for low, high in zip(bounds[:-1], bounds[1:])
-                for g in range(low, high, group)
-            ]
-            for task_hits, task_precision in pool.map(rank, tasks):
-                hits += task_hits
-                precision_sum += task_precision
-    values = {
-        "precision_at_1": hits / order.size,
-        "mean_average_precision_at_r": precision_sum / order.size,
-    }
-    return {name: values[name] for name in include}
+            sums += ranker.rank(scores, query_labels[chunk], positives[chunk], pool.map)
+    return sums
+
+
+class RowRanker:
+    """Ranks whole score rows (every reference of a query) into :class:`RankSums`.
+
+    Args:
+        ref_labels: ``(M,)`` the references' labels (the scores' columns).
+        depth: the largest ``R`` ranked (1 for precision@1 alone).
+        group: score rows ranked together by one task (about a core's cache).
+    """
+
+    def __init__(self, ref_labels: np.ndarray, depth: int, group: int) -> None:
+        self.ref_labels = ref_labels
+        self.depth = depth
+        self.group = max(1, group)
+        self.inverse_rank = 1.0 / np.arange(1, depth + 1, dtype=np.float64)
+
+    def rank(
+        self,
+        scores: np.ndarray,
+        labels: np.ndarray,
+        positives: np.ndarray,
+        map_tasks: Callable[..., Iterable[tuple[int, float]]] = map,
+    ) -> RankSums:
+        """The sums of the rows of ``scores`` (``(n, M)``, overwritten; self pairs already
+        at :data:`SELF_SCORE`), rows sorted by label, ``labels`` and ``positives`` (``R``)
+        ``(n,)`` each; rows with ``R = 0`` are left out. ``map_tasks``: ``map`` or a
+        pool's."""
+        bounds = [0, *(np.flatnonzero(np.diff(labels)) + 1).tolist(), labels.size]
+        tasks = [
+            (scores[g : min(g + self.group, high)], labels[low], int(positives[low]))
+            for low, high in zip(bounds[:-1], bounds[1:])
+            if positives[low] > 0
+            for g in range(low, high, self.group)
+        ]
+        sums = RankSums(queries=sum(len(task[0]) for task in tasks))
+        for task_hits, task_precision in map_tasks(self._rank_task, tasks):
+            sums.hits += task_hits
+            sums.precision += task_precision
+        return sums
+
+    def _rank_task(self, task: tuple[np.ndarray, int, int]) -> tuple[int, float]:
+        scores, label, r = task
+        return _rank(scores, self.ref_labels == label, min(r, self.depth), self.inverse_rank)
+
+
+class StreamRanking:
+    """:class:`RankSums` of the whole score rows a cosine
+    :class:`~pml_tcm.functional.streaming.PairStream` hands its ``row_hook`` (set it to
+    this): the rows of its small classes, ranked in the pass that scores them, so that
+    they need no second pass; :meth:`PairStream.unhooked_rows` are left to
+    :func:`retrieval_sums_of_sets`.
+
+    Args:
+        stream: the stream (cosine closeness, on the CPU).
+        include: the metrics wanted (MAP@R ranks ``R`` deep, precision@1 alone 1 deep).
+    """
+
+    def __init__(self, stream: PairStream, include: Sequence[str]) -> None:
+        self.labels = stream.query_labels.cpu().numpy()
+        ref_labels = stream.reference_labels.cpu().numpy()
+        with_self = stream.self_columns is not None
+        self.self_columns = stream.self_columns.cpu().numpy() if with_self else None
+        self.positives = _positive_counts(self.labels, ref_labels, with_self)
+        depth = 1
+        if "mean_average_precision_at_r" in include and self.positives.size:
+            depth = max(1, int(self.positives.max()))
+        score_row = stream.queries.element_size() * max(1, stream.num_references)
+        self.ranker = RowRanker(ref_labels, depth, GROUP_BYTES // score_row)
+        self.sums = RankSums()
+
+    def __call__(self, start: int, end: int, block: Tensor) -> None:
+        scores = block.numpy()
+        if self.self_columns is not None:
+            scores[np.arange(end - start), self.self_columns[start:end]] = SELF_SCORE
+        self.sums += self.ranker.rank(
+            scores, self.labels[start:end], self.positives[start:end], host.map_on_threads
+        )
 
 
 def _plan(

@@ -48,6 +48,10 @@ from .normalize import unit_rows, unit_rows_into
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 """``(queries (n, D), references (M, D)) -> scores (n, M)``, floating point."""
+RowHook = Callable[[int, int, Tensor], None]
+"""``(start, end, block)``: the ``(end - start, M)`` closeness of the stream's query rows
+``[start, end)`` against every reference (CPU), handed over by :meth:`PairStream.scan`
+once per row; the hook may overwrite the block."""
 
 DEFAULT_BLOCK_ELEMENTS = 1 << 26
 """Scores per block on an accelerator (kernel launches per chunk dominate small blocks)."""
@@ -286,6 +290,11 @@ class PairStream:
     faults comparable to the matrix product itself); the values are bit-equal to calling
     the score function on the rows. Any other ``score_fn`` is called per block.
 
+    ``row_hook`` (:data:`RowHook`, default ``None``), when set, receives the block of every
+    piece that holds whole rows (a small class's chunk: every reference column) once, the
+    first time :meth:`scan` scores it: the report ranks those queries there (R@1, MAP@R);
+    :meth:`unhooked_rows` are the rows it never saw.
+
     Args:
         queries: ``(N, D)`` floating point (this rank's shard).
         query_labels: ``(N,)`` int64, each one of ``classes``.
@@ -323,6 +332,7 @@ class PairStream:
     ) -> None:
         self.rows_are_unit = rows_are_unit
         query_order = stream_order(query_labels, query_groups)
+        self.query_order = query_order
         same_sets = references is queries and reference_labels is query_labels
         reference_order = query_order if same_sets else torch.argsort(reference_labels, stable=True)
         self.cosine = score_fn is cosine_similarity_scores
@@ -360,6 +370,17 @@ class PairStream:
         self._positive_pair_ends: list[int] | None = None
         self.sync_free = self.queries.device.type != "cpu" if SYNC_FREE is None else SYNC_FREE
         self._pieces, self._slabs = self._plan()
+        self.row_hook: RowHook | None = None
+        self._hooked_pieces: set[int] = set()
+
+    def unhooked_rows(self) -> Tensor:
+        """``(K,)`` int64 stream rows never handed to :attr:`row_hook` (the large classes'
+        rows, and every row of a piece not scanned)."""
+        missed = torch.ones(self.queries.shape[0], dtype=torch.bool)
+        for piece in self._pieces:
+            if piece.start in self._hooked_pieces:
+                missed[piece.start : piece.end] = False
+        return missed.nonzero().squeeze(1)
 
     def _sorted_rows(self, rows: Tensor, order: Tensor) -> Tensor:
         if self.rows_are_unit and torch.equal(
@@ -613,6 +634,14 @@ class PairStream:
             pairs.positive_values = values.index_select(0, kept)
             pairs.positive_rows = rows.index_select(0, kept)
         pairs.self_values, pairs.self_rows = gather(*self._self_positions(start, end))
+        if (
+            self.row_hook is not None
+            and width == self.num_references
+            and start not in self._hooked_pieces
+            and block.device.type == "cpu"
+        ):  # whole rows, once each (the hook may overwrite the block: it is done with)
+            self._hooked_pieces.add(start)
+            self.row_hook(start, end, block)
         return pairs
 
     def negatives_of(self, pairs: ChunkPairs, selected: Tensor) -> Tensor:

@@ -4,8 +4,11 @@ The sets are prepared once (:func:`pml_tcm.functional.prepare.prepare_sets`); OP
 ε-OPIS and the global threshold for a target FAR with its per-class FAR/FRR come from one
 guide and one pass over the pairs (:func:`pml_tcm.functional.opis.evaluate_sets`: the
 same numbers as :class:`pml_tcm.OPISAccuracyCalculator` and
-:func:`pml_tcm.calibrate_threshold`), R@1 and MAP@R from the exact bounded-memory
-ranking (:func:`pml_tcm.functional.retrieval.retrieval_of_sets`, pml's definitions).
+:func:`pml_tcm.calibrate_threshold`), R@1 and MAP@R from the exact ranking of each
+query's scores (pml's definitions): in that pass for the queries whose rows it scores
+whole (:class:`pml_tcm.functional.retrieval.StreamRanking`: the small classes'), in a
+bounded-memory ranking pass for the rest (the large classes',
+:func:`pml_tcm.functional.retrieval.retrieval_sums_of_sets`).
 Embeddings are L2-normalised first, as pml's testers do, so every number is cosine-based.
 
 With groups that pass gives the group OPIS and each query's counts at the threshold
@@ -28,7 +31,12 @@ from ..functional.bootstrap import check_bootstrap_settings
 from ..functional.normalize import unit_rows_into
 from ..functional.opis import OPISResult, evaluate_sets, opis_of_sets
 from ..functional.prepare import PreparedSets, prepare_sets
-from ..functional.retrieval import RETRIEVAL_METRICS, RetrievalMemoryError, retrieval_of_sets
+from ..functional.retrieval import (
+    RETRIEVAL_METRICS,
+    RankSums,
+    RetrievalMemoryError,
+    retrieval_sums_of_sets,
+)
 from ..functional.streaming import stream_order
 from .inputs import ReportInputError, require_pairs
 
@@ -253,7 +261,12 @@ def compute_report(
     # OPIS (over the groups, with groups) and the calibrated threshold from one guide and
     # one pass over the pairs
     evaluation = evaluate_sets(
-        sets, far_range=far_range, target_far=target_far, rows_are_unit=True, **intervals
+        sets,
+        far_range=far_range,
+        target_far=target_far,
+        rows_are_unit=True,
+        rank=RETRIEVAL_METRICS,
+        **intervals,
     )
     calibration = calibration_report(
         evaluation.threshold,
@@ -273,8 +286,9 @@ def compute_report(
             rows_are_unit=True,
             **intervals,
         )
-    # R@1 and MAP@R in bounded memory (pml's k-NN search holds N x max R neighbours)
-    knn, notes = _retrieval_metrics(sets)
+    # R@1 and MAP@R in bounded memory (pml's k-NN search holds N x max R neighbours): the
+    # queries the pass ranked, then a ranking pass over the rest (the large classes')
+    knn, notes = _retrieval_metrics(sets, evaluation.ranked, evaluation.unranked)
     metrics = {**knn, "opis": result.opis, "eps_opis": result.eps_opis}
     names = REPORT_METRICS
     if group_result is not None:
@@ -357,15 +371,26 @@ def _in_stream_order(sets: PreparedSets) -> PreparedSets:
     )
 
 
-def _retrieval_metrics(sets: PreparedSets) -> tuple[dict[str, float], list[str]]:
-    """R@1 and MAP@R; those that do not fit the memory budget are NaN, with a note."""
+def _retrieval_metrics(
+    sets: PreparedSets, ranked: RankSums | None = None, unranked: torch.Tensor | None = None
+) -> tuple[dict[str, float], list[str]]:
+    """R@1 and MAP@R: ``ranked`` (the pass's sums) plus a ranking of the query rows
+    ``unranked`` (all rows without ``ranked``); those that do not fit the memory budget
+    are NaN, with a note."""
     nan = float("nan")
+    ranked = RankSums() if ranked is None else ranked
+    if unranked is not None and unranked.numel() == 0:
+        return ranked.metrics(), []
     try:
-        return retrieval_of_sets(sets, rows_are_unit=True), []
+        rest = retrieval_sums_of_sets(sets, rows_are_unit=True, rows=unranked)
+        return (ranked + rest).metrics(), []
     except RetrievalMemoryError as error:
         note = f"MAP@R skipped: {error}"
     try:
-        values = retrieval_of_sets(sets, include=("precision_at_1",), rows_are_unit=True)
+        rest = retrieval_sums_of_sets(
+            sets, include=("precision_at_1",), rows_are_unit=True, rows=unranked
+        )
     except RetrievalMemoryError as error:
         return dict.fromkeys(RETRIEVAL_METRICS, nan), [f"R@1, MAP@R skipped: {error}"]
+    values = (ranked + rest).metrics(("precision_at_1",))
     return {**values, "mean_average_precision_at_r": nan}, [note]

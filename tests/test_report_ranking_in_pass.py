@@ -1,0 +1,114 @@
+"""The report's R@1 and MAP@R: the queries whose rows the OPIS pass scores whole (the
+small classes') are ranked in that pass, the rest (the large classes') in a ranking pass
+of their own rows only; the numbers equal a naive float64 ranking and pml's own."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+from pml_tcm.functional import retrieval, streaming
+from pml_tcm.functional.retrieval import RETRIEVAL_METRICS
+from pml_tcm.report import compute
+from pml_tcm.report.compute import compute_report
+
+P1, MAP = RETRIEVAL_METRICS
+
+
+def clustered(seed: int, sizes: list[int], dim: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    labels = labels[torch.randperm(len(labels), generator=gen)]
+    centres = torch.randn(len(sizes), dim, generator=gen)
+    rows = centres[labels] + 1.5 * torch.randn(len(labels), dim, generator=gen)
+    return rows.numpy(), labels.numpy()
+
+
+def naive_retrieval(queries, query_labels, references=None, reference_labels=None):
+    """pml's precision@1 and MAP@R by a full float64 sort of every query's references
+    (its own copy left out when the references are the queries)."""
+    same = references is None
+    references = queries if same else references
+    reference_labels = query_labels if same else reference_labels
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    r = references / np.linalg.norm(references, axis=1, keepdims=True)
+    scores = q.astype(np.float64) @ r.astype(np.float64).T
+    hits, precisions = [], []
+    for i in range(len(q)):
+        keep = np.arange(len(r)) != i if same else np.ones(len(r), dtype=bool)
+        relevant = (reference_labels == query_labels[i])[keep]
+        big_r = int(relevant.sum())
+        if big_r == 0:
+            continue  # pml leaves the query out
+        ranked = relevant[np.argsort(-scores[i][keep], kind="stable")][:big_r]
+        precision_at_k = np.cumsum(ranked) / np.arange(1, big_r + 1)
+        hits.append(float(ranked[0]))
+        precisions.append(float((precision_at_k * ranked).sum() / big_r))
+    return {P1: float(np.mean(hits)), MAP: float(np.mean(precisions))}
+
+
+def spy_on_ranking_pass(monkeypatch) -> list[int]:
+    """The rows scored by the separate ranking pass (retrieval's own products)."""
+    scored: list[int] = []
+    original = retrieval._scores
+
+    def spy(queries, refs, chunk, buffer):
+        scored.extend(chunk.tolist())
+        return original(queries, refs, chunk, buffer)
+
+    monkeypatch.setattr(retrieval, "_scores", spy)
+    return scored
+
+
+def test_small_classes_are_ranked_in_the_pass_without_a_ranking_pass(monkeypatch):
+    x, y = clustered(0, [7] * 40)  # every class small: each row scored whole in the pass
+    scored = spy_on_ranking_pass(monkeypatch)
+    report = compute_report(x, y, bootstrap=0)
+    assert scored == []  # (the old report ranked every query in a second pass)
+    expected = naive_retrieval(x, y)
+    assert report.metrics[P1] == pytest.approx(expected[P1], abs=1e-12)
+    assert report.metrics[MAP] == pytest.approx(expected[MAP], abs=1e-12)
+
+
+def test_large_classes_alone_take_the_ranking_pass(monkeypatch):
+    monkeypatch.setattr(streaming, "LARGE_CLASS_REFERENCES", 30)
+    x, y = clustered(1, [45, 60, 5, 8, 3, 12, 9, 1])  # two large, six small (one singleton)
+    scored = spy_on_ranking_pass(monkeypatch)
+    report = compute_report(x, y, bootstrap=0)
+    # the report's rows are its own, in class order: the large classes' rows are 0..104
+    assert sorted(scored) == list(range(45 + 60))
+    expected = naive_retrieval(x, y)
+    assert report.metrics[P1] == pytest.approx(expected[P1], abs=1e-12)
+    assert report.metrics[MAP] == pytest.approx(expected[MAP], abs=1e-12)
+
+
+def test_separate_references_and_pml_agree(monkeypatch):
+    monkeypatch.setattr(streaming, "LARGE_CLASS_REFERENCES", 40)
+    x, y = clustered(2, [30, 8, 8, 6, 8])
+    ref, ref_y = clustered(3, [50, 9, 7, 10, 4, 6])  # class 5: no query; classes 0: large
+    report = compute_report(x, y, ref, ref_y, bootstrap=0)
+    expected = naive_retrieval(x, y, ref, ref_y)
+    assert report.metrics[P1] == pytest.approx(expected[P1], abs=1e-12)
+    assert report.metrics[MAP] == pytest.approx(expected[MAP], abs=1e-12)
+    calculator = AccuracyCalculator(include=RETRIEVAL_METRICS, k="max_bin_count")
+    unit = lambda a: torch.nn.functional.normalize(torch.from_numpy(a), dim=1)  # noqa: E731
+    pml = calculator.get_accuracy(unit(x), torch.from_numpy(y), unit(ref), torch.from_numpy(ref_y))
+    assert report.metrics[P1] == pytest.approx(pml[P1], abs=1e-6)
+    assert report.metrics[MAP] == pytest.approx(pml[MAP], abs=1e-6)
+
+
+def test_when_the_rest_does_not_fit_map_at_r_is_skipped_for_all(monkeypatch):
+    monkeypatch.setattr(streaming, "LARGE_CLASS_REFERENCES", 30)
+    x, y = clustered(4, [40, 6, 6, 6])
+    # a budget that holds the large class's R@1 ranking but not its MAP@R
+    small = functools.partial(compute.retrieval_sums_of_sets, max_bytes=1000, num_workers=1)
+    monkeypatch.setattr(compute, "retrieval_sums_of_sets", small)
+    report = compute_report(x, y, bootstrap=0)
+    assert np.isnan(report.metrics[MAP])
+    assert len(report.notes) == 1 and "MAP@R skipped" in report.notes[0]
+    # R@1 still covers every query: those ranked in the pass and the rest
+    assert report.metrics[P1] == pytest.approx(naive_retrieval(x, y)[P1], abs=1e-12)
