@@ -70,6 +70,29 @@ def test_bucket_histogram_counts_exactly_at_the_edges(dtype, monkeypatch):
     assert torch.equal(counted, _naive_histogram(values, grid))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tile", [7, 40, 1 << 18])  # pieces of a row, rows, one tile
+def test_bucket_histogram_of_a_column_range_of_a_block(dtype, tile, monkeypatch):
+    # a large class's slab counted as a column range of whole rows: strided rows
+    monkeypatch.setattr(host, "HISTOGRAM_TILE", tile)
+    lo, hi, size = 0.3, 0.7, 57
+    grid = torch.linspace(lo, hi, size, dtype=torch.float64)
+    edges = ceil_grid(grid, dtype)
+    gen = torch.Generator().manual_seed(5)
+    block = torch.rand(23, 31, generator=gen, dtype=torch.float64).to(dtype)
+    block[3, 12:20] = edges[:8]  # on grid points: counted with them
+    columns = block[:, 9:26]
+    assert not columns.is_contiguous()
+    lo_edge, hi_edge = float(edges[0]), float(edges[-1])
+    scale = (size - 1) / (hi_edge - lo_edge)
+    shift = torch.tensor(0.75 - lo_edge * scale, dtype=dtype)
+    next_edges = torch.cat([edges, torch.tensor([math.nan], dtype=dtype)])
+    with _threads(2):
+        counted = host.bucket_histogram(columns, next_edges, scale, shift)
+    assert torch.equal(counted, _naive_histogram(columns.reshape(-1), grid))
+    assert counted.sum() == columns.numel()
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
 def test_a_forked_child_gets_a_working_pool(monkeypatch):
     monkeypatch.setattr(host, "FILTER_TILE", 256)  # several tiles: the pool is used

@@ -112,7 +112,7 @@ def query_errors(
     for pairs in retained:
         accepted.add(pairs)
     for slab in () if stream.sync_free else stream.positive_slabs():
-        block, self_scores = stream.slab_scores(slab)
+        block, self_scores, _ = stream.slab_scores(slab)
         accepted.add_slab(slab, block, self_scores)
     return QueryErrors.of_stream(stream, *accepted.error_counts())
 

@@ -196,14 +196,14 @@ class _GridCounter:
     def add_slab(self, slab: PositiveSlab) -> None:
         """Count a large class's positive slab where it lies (no pair gathered): a
         histogram of each unit run's rows, minus the self pairs."""
-        block, self_scores = self.stream.slab_scores(slab)
+        block, self_scores, rows_block = self.stream.slab_scores(slab)
         stride = self.grid_size + 1
         row_key = self.stream.query_unit[slab.start : slab.end] * stride
         runs = slab.unit_runs
         if len(runs) == 1 or len(runs) * self.RUN_ROWS <= block.shape[0]:
             for first, last, unit in runs:
                 target = self.positive.counts[unit * stride : (unit + 1) * stride]
-                target += self.bucket_histogram(block[first:last].reshape(-1))
+                target += self.bucket_histogram(block[first:last])
         else:  # many small runs (e.g. one group per query): keyed counts, a tile at a time
             tile_rows = max(1, HISTOGRAM_TILE // block.shape[1])
             for first in range(0, block.shape[0], tile_rows):
@@ -215,9 +215,12 @@ class _GridCounter:
             self.positive.add(row_key + self.buckets(self_scores), -1)
         if self.accepted is not None:
             self.accepted.add_slab(slab, block, self_scores)
+        if rows_block is not None:  # (last: the hook may overwrite the block)
+            self.stream.hand_over_rows(slab, rows_block)
 
     def bucket_histogram(self, values: Tensor) -> Tensor:
-        """``(G + 1,)`` int64: how many ``values`` fall in each bucket (exact).
+        """``(G + 1,)`` int64: how many ``values`` (1-D, or a 2-D block whose rows may be
+        strided) fall in each bucket (exact).
 
         In cache-sized tiles: the arithmetic estimate of each value's bucket is counted,
         then the few values that lie on the other side of an edge than estimated (rounding
@@ -231,6 +234,7 @@ class _GridCounter:
         # eps * scale * |value| near the range, stays below 1/8 of a bucket
         bound = max(abs(lo), abs(hi)) if math.isfinite(lo) and math.isfinite(hi) else math.inf
         if not 8 * torch.finfo(dtype).eps * scale * bound < 1:
+            values = values.reshape(-1)
             for start in range(0, values.numel(), HISTOGRAM_TILE):
                 tile = values[start : start + HISTOGRAM_TILE].to(dtype)
                 total += torch.bincount(self.buckets(tile), minlength=size + 1)
@@ -245,6 +249,7 @@ class _GridCounter:
         # margin is checked for twice the bound)
         if values.device.type == "cpu" and 16 * torch.finfo(dtype).eps * scale * bound < 1:
             return total + host.bucket_histogram(values.to(dtype), next_edges, scale, shift)
+        values = values.reshape(-1)
         for start in range(0, values.numel(), HISTOGRAM_TILE):
             tile = values[start : start + HISTOGRAM_TILE].to(dtype)
             count = torch.add(shift, tile, alpha=scale).clamp_(0, size).to(torch.int64)

@@ -87,18 +87,32 @@ def bucket_histogram(values: Tensor, next_edges: Tensor, scale: float, shift: Te
     """How many ``values`` fall in each of ``G + 1`` buckets: the estimate
     ``⌊v · scale + shift⌋`` clamped to ``[0, G]``, moved up by one where ``v`` reaches
     ``next_edges`` at it (see ``counting._GridCounter.bucket_histogram``, whose exactness
-    argument this relies on). ``values``: ``(n,)`` CPU float32/float64; ``next_edges``:
+    argument this relies on). ``values``: ``(n,)`` or ``(rows, width)`` CPU
+    float32/float64 (rows may be strided: a column range of a block); ``next_edges``:
     ``(G + 1,)`` the same dtype. ``(G + 1,)`` int64."""
-    data = values.contiguous().numpy()
+    if values.dim() != 2 or values.is_contiguous() or values.stride(1) != 1:
+        values = values.contiguous().view(1, -1)
+    data = values.numpy()
     edges = next_edges.numpy()
     size = edges.shape[0] - 1
     step, offset = data.dtype.type(scale), data.dtype.type(float(shift))
+    width = max(1, data.shape[1])
+    # tiles of about HISTOGRAM_TILE values: pieces of one row, or whole rows
+    row_step = max(1, HISTOGRAM_TILE // width)
+    column_step = HISTOGRAM_TILE if row_step == 1 else width
+    tiles = [
+        (row, column)
+        for row in range(0, data.shape[0], row_step)
+        for column in range(0, data.shape[1], column_step)
+    ]
 
-    def count(start: int) -> Tensor:
-        tile = data[start : start + HISTOGRAM_TILE]
-        estimate = _scratch("estimate", tile.shape[0], data.dtype)
-        buckets = _scratch("buckets", tile.shape[0], np.int64)
-        above = _scratch("above", tile.shape[0], np.bool_)
+    def count(corner: tuple[int, int]) -> Tensor:
+        row, column = corner
+        tile = data[row : row + row_step, column : column + column_step]
+        shape = tile.shape
+        estimate = _scratch("estimate", tile.size, data.dtype).reshape(shape)
+        buckets = _scratch("buckets", tile.size, np.int64).reshape(shape)
+        above = _scratch("above", tile.size, np.bool_).reshape(shape)
         np.multiply(tile, step, out=estimate)
         estimate += offset
         np.clip(estimate, 0, size, out=estimate)
@@ -107,9 +121,9 @@ def bucket_histogram(values: Tensor, next_edges: Tensor, scale: float, shift: Te
         np.take(edges, buckets, out=estimate, mode="wrap")
         np.greater_equal(tile, estimate, out=above)
         buckets += above
-        return torch.bincount(torch.from_numpy(buckets), minlength=size + 1)
+        return torch.bincount(torch.from_numpy(buckets.reshape(-1)), minlength=size + 1)
 
     total = torch.zeros(size + 1, dtype=torch.int64)
-    for part in map_on_threads(count, range(0, data.shape[0], HISTOGRAM_TILE)):
+    for part in map_on_threads(count, tiles):
         total += part
     return total

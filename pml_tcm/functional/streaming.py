@@ -290,10 +290,12 @@ class PairStream:
     faults comparable to the matrix product itself); the values are bit-equal to calling
     the score function on the rows. Any other ``score_fn`` is called per block.
 
-    ``row_hook`` (:data:`RowHook`, default ``None``), when set, receives the block of every
-    piece that holds whole rows (a small class's chunk: every reference column) once, the
-    first time :meth:`scan` scores it: the report ranks those queries there (R@1, MAP@R);
-    :meth:`unhooked_rows` are the rows it never saw.
+    ``row_hook`` (:data:`RowHook`, default ``None``), when set, receives every query row's
+    whole block once: a small class's chunk (every reference column) the first time
+    :meth:`scan` scores it, a large class's chunk when its positive slab is counted (then
+    scored over every column, its own the slab: half a pass more with two classes). The
+    report ranks the queries there (R@1, MAP@R); :meth:`unhooked_rows` are the rows it
+    never saw.
 
     Args:
         queries: ``(N, D)`` floating point (this rank's shard).
@@ -372,14 +374,18 @@ class PairStream:
         self._pieces, self._slabs = self._plan()
         self.row_hook: RowHook | None = None
         self._hooked_pieces: set[int] = set()
+        self._hooked_slabs: set[int] = set()
 
     def unhooked_rows(self) -> Tensor:
-        """``(K,)`` int64 stream rows never handed to :attr:`row_hook` (the large classes'
-        rows, and every row of a piece not scanned)."""
+        """``(K,)`` int64 stream rows never handed to :attr:`row_hook` (rows of a piece
+        not scanned or of a slab not counted with the hook set)."""
         missed = torch.ones(self.queries.shape[0], dtype=torch.bool)
         for piece in self._pieces:
             if piece.start in self._hooked_pieces:
                 missed[piece.start : piece.end] = False
+        for slab in self._slabs:
+            if slab.start in self._hooked_slabs:
+                missed[slab.start : slab.end] = False
         return missed.nonzero().squeeze(1)
 
     def _sorted_rows(self, rows: Tensor, order: Tensor) -> Tensor:
@@ -675,16 +681,32 @@ class PairStream:
             is_positive = self._is_positive(rows, columns.index_select(0, keep), piece.start)
         return values, self.query_class.index_select(0, rows + piece.start), is_positive
 
-    def slab_scores(self, slab: PositiveSlab) -> tuple[Tensor, Tensor]:
-        """``(block, self_scores)``: the slab's ``(rows, columns)`` closeness block (every
-        entry a positive pair except the self pairs) and the closeness of each row's self
-        pair (empty without self pairs); the block may live in the reused buffer."""
-        block = self.closeness(slab.start, slab.end, slab.column_start, slab.column_end)
+    def slab_scores(self, slab: PositiveSlab) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(block, self_scores, rows)``: the slab's ``(rows, columns)`` closeness block
+        (every entry a positive pair except the self pairs), the closeness of each row's
+        self pair (empty without self pairs), and, when a :attr:`row_hook` is set (CPU), the
+        whole rows the block is a column range of (hand them over with
+        :meth:`hand_over_rows` once done with the block; ``None`` otherwise). The block may
+        live in the reused buffer."""
+        whole = self.row_hook is not None and self.queries.device.type == "cpu"
+        first_column = 0 if whole else slab.column_start
+        end_column = self.num_references if whole else slab.column_end
+        rows_block = self.closeness(slab.start, slab.end, first_column, end_column)
+        block = rows_block[:, slab.column_start - first_column : slab.column_end - first_column]
         if self.self_columns is None:
-            return block, block.new_zeros(0)
-        columns = self.self_columns[slab.start : slab.end] - slab.column_start
-        rows = torch.arange(slab.end - slab.start, device=columns.device)
-        return block, block.view(-1).index_select(0, rows * block.shape[1] + columns)
+            self_scores = block.new_zeros(0)
+        else:
+            columns = self.self_columns[slab.start : slab.end] - first_column
+            rows = torch.arange(slab.end - slab.start, device=columns.device)
+            flat = rows_block.view(-1)
+            self_scores = flat.index_select(0, rows * rows_block.shape[1] + columns)
+        return block, self_scores, rows_block if whole else None
+
+    def hand_over_rows(self, slab: PositiveSlab, rows_block: Tensor) -> None:
+        """Give the :attr:`row_hook` the whole rows of ``slab`` (from :meth:`slab_scores`)."""
+        if self.row_hook is not None and slab.start not in self._hooked_slabs:
+            self._hooked_slabs.add(slab.start)
+            self.row_hook(slab.start, slab.end, rows_block)
 
     def positive_values(self) -> Iterator[Tensor]:
         """The positive closeness scores, one 1-D tensor per piece or slab (NaN marks a
