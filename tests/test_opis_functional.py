@@ -451,3 +451,28 @@ def test_bad_inputs_name_the_argument():
     assert torch.equal(as_float.classes, torch.unique(labels).double() + 0.5)
     with pytest.raises(ValueError, match="ref_includes_query"):
         opis(queries, labels, queries[:10], labels[:10], ref_includes_query=True)
+
+
+def test_a_bracket_too_full_to_collect_costs_one_more_pass_not_two(monkeypatch):
+    # the guide's bracket holds more negatives than collect_limit (as at large N): the
+    # first pass also counts them between pivots, so the second pass collects the piece
+    # holding the rank (the old search needed a pass to count the pieces, then one more)
+    from pml_tcm.functional import far_search
+
+    passes = []
+    original = far_search._exact_pass
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(far_search, "_exact_pass", counted)
+    gen = torch.Generator().manual_seed(4)
+    queries = torch.randn(400, 16, generator=gen)
+    labels = torch.randint(0, 40, (400,), generator=gen)
+    closeness = chunked_closeness(cosine_similarity_scores, True, queries, queries, 64)
+    expected = naive_opis(closeness, labels.numpy(), labels.numpy(), 0)
+    result = opis(queries, labels, chunk_size=64, collect_limit=500, retain_limit=0)
+    assert result.calibration_range == (expected["lo"], expected["hi"])
+    assert result.opis == pytest.approx(expected["opis"], abs=1e-9)
+    assert len(passes) == 2

@@ -14,11 +14,14 @@ Python prints it (0.01 is 1/100).
    in ``[lo, hi)`` (labels are looked up for the pairs in the bracket only). If the
    target rank lies in the bracket, sorting the collected values gives the exact k-th
    value; the scores come from the same chunked computation as the counting, so the
-   threshold is bit-equal to the k-th largest negative of that score matrix.
-3. *Fallback*: if the bracket missed or held more than ``collect_limit`` values, further
-   passes split the bracket at up to 255 pivots, count per piece and keep the piece
-   holding the rank, until it is small enough to collect (or cannot be split: then all
-   its values are equal).
+   threshold is bit-equal to the k-th largest negative of that score matrix. The same
+   pass counts the bracket's negatives between up to 255 pivots (on the CPU engine), so
+   that a bracket holding more than ``collect_limit`` values (large N) is narrowed to the
+   piece holding the rank and collected in one more pass.
+3. *Fallback*: if the bracket missed or the piece still held more than
+   ``collect_limit`` values, further passes split the bracket at up to 255 pivots, count
+   per piece and keep the piece holding the rank, until it is small enough to collect
+   (or cannot be split: then all its values are equal).
 
 When the pairs gathered by the exact pass (everything ``>= lo``: a score per pair, and
 the positive and self pairs apart with their score and 8-byte row) hold at most
@@ -104,6 +107,7 @@ class _Target:
     inside: int | None = None  # negatives in [lo, hi) when known
     pivots: Tensor | None = None
     value: float | None = None
+    sampled: tuple[float, float] | None = None  # the guide's lowest and highest negative
 
 
 def _guide_brackets(
@@ -144,6 +148,7 @@ def _guide_brackets(
     from_top = histogram.flip(0).cumsum(0).cpu()
     width = (high - low) / GUIDE_BINS
     for target in targets:
+        target.sampled = (low, high)
         expected = target.rank / num_negatives * sampled
         # 6σ of a binomial count plus 2% for the correlation of pairs sharing a query
         margin = 6.0 * math.sqrt(expected) + 0.02 * expected + 2.0
@@ -216,6 +221,13 @@ class _PassTally:
         self.extremes = torch.full((len(targets), 2), math.inf, dtype=torch.float64, device=device)
         self.collected: list[list[Tensor]] = [[] for _ in targets]
         self.collected_size = [0] * len(targets)
+        # a bracket known to hold more than collect_limit negatives is not collected (nor,
+        # sync-free, one split at pivots)
+        self.collecting = [
+            (t.inside is None or t.inside <= collect_limit)
+            and (dense_capacity is None or t.pivots is None)
+            for t in targets
+        ]
         self.overflow: Tensor | None = None
         self._pivots = [None if t.pivots is None else t.pivots.to(device) for t in targets]
         # sync-free collection: per bracket, a buffer of dense_capacity values, then the
@@ -250,7 +262,9 @@ class _PassTally:
                 counts[j, 2 : 2 + target.pivots.numel() + 1] += torch.bincount(
                     piece, minlength=target.pivots.numel() + 1
                 )
-            elif self.collected_size[j] <= self.collect_limit:
+            # (with pivots too: a first pass collects and counts per piece, so that a
+            # bracket too full to collect needs one more pass, not two)
+            if self.collecting[j] and self.collected_size[j] <= self.collect_limit:
                 self.collected[j].append(inside.to(self.dtype))
                 self.collected_size[j] += inside.shape[0]
 
@@ -314,7 +328,10 @@ class _PassTally:
         all_reduce(self.counts, distributed=distributed)
         all_reduce(self.extremes, distributed=distributed, op="min")
         overflow = torch.tensor(
-            [float(s > self.collect_limit) for s in self.collected_size],
+            [
+                float(size > self.collect_limit or not collecting)
+                for size, collecting in zip(self.collected_size, self.collecting)
+            ],
             dtype=torch.float64,
             device=device,
         )
@@ -387,7 +404,7 @@ def _narrow(
         return
     target.above = above
     rank_inside = target.rank - above
-    if target.pivots is None and not bool(tally.overflow[j]):
+    if not bool(tally.overflow[j]):
         values = all_gather_values(torch.cat(tally.collected[j]), distributed=distributed)
         # the rank_inside-th largest
         kth = values.numel() - rank_inside + 1
@@ -439,6 +456,13 @@ def far_closeness_thresholds(
     targets = [_Target(rank=r) for r in ranks]
     if num_negatives > collect_limit:
         _guide_brackets(stream, targets, num_negatives, distributed, seed)
+        if not stream.sync_free:  # split the guide's brackets at pivots from the start
+            for target in targets:
+                if target.sampled is not None:  # (open ends: up to the sample's extremes)
+                    low, high = target.sampled
+                    target.pivots = _next_pivots(
+                        max(target.lo, low), min(target.hi, high), target.hi, stream.queries.dtype
+                    )
 
     retained: list[ChunkPairs] | None = None
     retained_floor = math.inf
