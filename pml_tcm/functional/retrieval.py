@@ -17,6 +17,10 @@ irrelevant one first (ties never raise a metric; pml's order among equal distanc
 faiss's). The chunk size follows from ``max_bytes``; the ranking (numpy's vectorised
 partition and sort, about 20x ``torch.sort`` on CPU) runs on the host, in cache-sized
 groups of rows spread over ``num_workers`` threads.
+
+The report needs no pass of its own: :class:`StreamRanking` ranks each query where the
+OPIS pass (:class:`~pml_tcm.functional.streaming.PairStream`) scores its whole row, into
+:class:`RankSums` that add; :func:`retrieval_sums_of_sets` ranks the rows it left out.
 """
 
 from __future__ import annotations
