@@ -45,6 +45,16 @@ def _naive_histogram(values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return torch.bincount(below, minlength=grid.shape[0] + 1)
 
 
+def _host_histogram(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """``host.bucket_histogram`` on the grid whose rounded-up points are ``edges``, with
+    the estimate's scale and shift as the grid counter sets them."""
+    lo_edge, hi_edge = float(edges[0]), float(edges[-1])
+    scale = (edges.numel() - 1) / (hi_edge - lo_edge)
+    shift = torch.tensor(0.75 - lo_edge * scale, dtype=edges.dtype)
+    next_edges = torch.cat([edges, torch.tensor([math.nan], dtype=edges.dtype)])
+    return host.bucket_histogram(values, next_edges, scale, shift)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_bucket_histogram_counts_exactly_at_the_edges(dtype, monkeypatch):
     monkeypatch.setattr(host, "HISTOGRAM_TILE", 1000)
@@ -61,12 +71,8 @@ def test_bucket_histogram_counts_exactly_at_the_edges(dtype, monkeypatch):
             torch.tensor([-1.0, 1.0, lo, hi], dtype=dtype),
         ]
     )
-    lo_edge, hi_edge = float(edges[0]), float(edges[-1])
-    scale = (size - 1) / (hi_edge - lo_edge)
-    shift = torch.tensor(0.75 - lo_edge * scale, dtype=dtype)
-    next_edges = torch.cat([edges, torch.tensor([math.nan], dtype=dtype)])
     with _threads(2):
-        counted = host.bucket_histogram(values, next_edges, scale, shift)
+        counted = _host_histogram(values, edges)
     assert torch.equal(counted, _naive_histogram(values, grid))
 
 
@@ -83,12 +89,8 @@ def test_bucket_histogram_of_a_column_range_of_a_block(dtype, tile, monkeypatch)
     block[3, 12:20] = edges[:8]  # on grid points: counted with them
     columns = block[:, 9:26]
     assert not columns.is_contiguous()
-    lo_edge, hi_edge = float(edges[0]), float(edges[-1])
-    scale = (size - 1) / (hi_edge - lo_edge)
-    shift = torch.tensor(0.75 - lo_edge * scale, dtype=dtype)
-    next_edges = torch.cat([edges, torch.tensor([math.nan], dtype=dtype)])
     with _threads(2):
-        counted = host.bucket_histogram(columns, next_edges, scale, shift)
+        counted = _host_histogram(columns, edges)
     assert torch.equal(counted, _naive_histogram(columns.reshape(-1), grid))
     assert counted.sum() == columns.numel()
 

@@ -458,8 +458,8 @@ class Evaluation:
         errors: this rank's per-query counts at ``threshold`` (``None`` without one).
         ranked: with ``rank``, the R@1 / MAP@R sums of the queries ranked in the pass
             (``None`` when the pass could not rank: another score, a sync-free stream).
-        unranked: with ``ranked``, ``(K,)`` int64 the rows of ``sets.queries`` it left
-            out (the large classes': their rows are never scored whole in one block).
+        unranked: with ``ranked``, ``(K,)`` int64 the rows of ``sets.queries`` the pass
+            never scored whole (none when every piece was scanned; rank them apart).
     """
 
     opis: OPISResult

@@ -125,27 +125,13 @@ def _check_settings(
 
 
 def retrieval_of_sets(
-    sets: PreparedSets,
-    *,
-    include: Sequence[str] = RETRIEVAL_METRICS,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    chunk_size: int | None = None,
-    num_workers: int | None = None,
-    rows_are_unit: bool = False,
+    sets: PreparedSets, *, include: Sequence[str] = RETRIEVAL_METRICS, **settings
 ) -> dict[str, float]:
     """:func:`retrieval_metrics` of sets already prepared by
     :func:`~pml_tcm.functional.prepare.prepare_sets` (not checked again; the self pairs
-    must be those of reference rows ``[0, N)``)."""
-    include = _check_settings(include, max_bytes, chunk_size, num_workers)
-    sums = retrieval_sums_of_sets(
-        sets,
-        include=include,
-        max_bytes=max_bytes,
-        chunk_size=chunk_size,
-        num_workers=num_workers,
-        rows_are_unit=rows_are_unit,
-    )
-    return sums.metrics(include)
+    must be those of reference rows ``[0, N)``); ``settings``: the keywords of
+    :func:`retrieval_sums_of_sets`."""
+    return retrieval_sums_of_sets(sets, include=include, **settings).metrics(tuple(include))
 
 
 @dataclass
