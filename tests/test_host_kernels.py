@@ -28,6 +28,20 @@ def test_positions_at_or_above_are_the_naive_nonzero(dtype, shape):
         assert torch.equal(host.positions_at_or_above(block, floor), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tile", [5, 64, 1 << 20])  # a row per tile, some rows, all rows
+def test_row_counts_at_or_above_are_the_naive_row_sums(dtype, tile, monkeypatch):
+    monkeypatch.setattr(host, "FILTER_TILE", tile)
+    gen = torch.Generator().manual_seed(7)
+    block = torch.rand(19, 40, generator=gen, dtype=torch.float64).to(dtype)
+    block[0, :4] = torch.tensor([math.nan, math.inf, -math.inf, 0.5], dtype=dtype)
+    for view in (block, block[:, 6:33], block[:0], block[:, :0]):  # strided and empty too
+        for floor in (0.5, 0.0, 2.0, -math.inf):
+            expected = (view.to(torch.float64) >= floor).sum(dim=1)
+            with _threads(2):
+                assert torch.equal(host.row_counts_at_or_above(view, floor), expected)
+
+
 def test_positions_use_every_thread_and_keep_the_order(monkeypatch):
     monkeypatch.setattr(host, "FILTER_TILE", 64)  # many tiles over the pool's threads
     gen = torch.Generator().manual_seed(1)

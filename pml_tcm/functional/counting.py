@@ -346,7 +346,10 @@ class AcceptedCounts:
     def add_slab(self, slab: PositiveSlab, block: Tensor, self_scores: Tensor) -> None:
         """A positive slab's ``(rows, columns)`` block and its rows' self-pair scores."""
         limit = ceil_to_dtype(self.threshold, block.dtype)
-        every = (block >= limit).sum(dim=1)
+        if block.device.type == "cpu" and block.dtype in (torch.float32, torch.float64):
+            every = host.row_counts_at_or_above(block, limit)
+        else:
+            every = (block >= limit).sum(dim=1)
         rows = self.rows[:, slab.start : slab.end]
         selves = (self_scores >= limit).to(torch.int64) if self_scores.numel() else 0
         rows[0] += every

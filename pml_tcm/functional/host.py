@@ -83,6 +83,28 @@ def positions_at_or_above(block: Tensor, floor: float) -> Tensor:
     return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0])
 
 
+def row_counts_at_or_above(block: Tensor, floor: float) -> Tensor:
+    """How many entries of each row of ``block`` (CPU ``(rows, width)`` float32/float64,
+    rows may be strided) are ``>= floor`` (compared in the block's dtype; NaN never
+    passes). ``(rows,)`` int64."""
+    if block.stride(-1) != 1:
+        block = block.contiguous()
+    data = block.numpy()
+    limit = data.dtype.type(floor)
+    rows = max(1, FILTER_TILE // max(1, data.shape[1]))
+
+    def count(start: int) -> np.ndarray:
+        tile = data[start : start + rows]
+        passed = _scratch("passed", tile.size, np.bool_).reshape(tile.shape)
+        np.greater_equal(tile, limit, out=passed)
+        return np.count_nonzero(passed, axis=1)
+
+    parts = list(map_on_threads(count, range(0, data.shape[0], rows)))
+    if not parts:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False))
+
+
 def bucket_histogram(values: Tensor, next_edges: Tensor, scale: float, shift: Tensor) -> Tensor:
     """How many ``values`` fall in each of ``G + 1`` buckets: the estimate
     ``⌊v · scale + shift⌋`` clamped to ``[0, G]``, moved up by one where ``v`` reaches
