@@ -5,10 +5,12 @@ The sets are prepared once (:func:`pml_tcm.functional.prepare.prepare_sets`); OP
 guide and one pass over the pairs (:func:`pml_tcm.functional.opis.evaluate_sets`: the
 same numbers as :class:`pml_tcm.OPISAccuracyCalculator` and
 :func:`pml_tcm.calibrate_threshold`), R@1 and MAP@R from the exact ranking of each
-query's scores (pml's definitions): in that pass for the queries whose rows it scores
-whole (:class:`pml_tcm.functional.retrieval.StreamRanking`: the small classes'), in a
-bounded-memory ranking pass for the rest (the large classes',
-:func:`pml_tcm.functional.retrieval.retrieval_sums_of_sets`).
+query's scores (pml's definitions), in that pass where it scores the query's whole row
+(:class:`pml_tcm.functional.retrieval.StreamRanking`: every query on the CPU engine, a
+small class's in the main pass and a large class's with its positive slab), in a
+bounded-memory ranking pass for any other
+(:func:`pml_tcm.functional.retrieval.retrieval_sums_of_sets`: every query on the sync-free
+engine).
 Embeddings are L2-normalised first, as pml's testers do, so every number is cosine-based.
 
 With groups that pass gives the group OPIS and each query's counts at the threshold
@@ -287,7 +289,7 @@ def compute_report(
             **intervals,
         )
     # R@1 and MAP@R in bounded memory (pml's k-NN search holds N x max R neighbours): the
-    # queries the pass ranked, then a ranking pass over the rest (the large classes')
+    # queries the pass ranked, then a ranking pass over any other
     knn, notes = _retrieval_metrics(sets, evaluation.ranked, evaluation.unranked)
     metrics = {**knn, "opis": result.opis, "eps_opis": result.eps_opis}
     names = REPORT_METRICS
