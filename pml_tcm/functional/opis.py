@@ -456,8 +456,9 @@ class Evaluation:
         threshold: the closeness threshold of ``target_far`` (``None`` without one).
         classes: ``(C,)`` int64 sorted query class ids (``errors.classes`` index them).
         errors: this rank's per-query counts at ``threshold`` (``None`` without one).
-        ranked: with ``rank``, the R@1 / MAP@R sums of the queries ranked in the pass
-            (``None`` when the pass could not rank: another score, a sync-free stream).
+        ranked: with ``rank``, the R@1 / MAP@R sums of this rank's queries ranked in the
+            pass (``None`` when the pass could not rank: another score, a sync-free
+            stream).
         unranked: with ``ranked``, ``(K,)`` int64 the rows of ``sets.queries`` the pass
             never scored whole (none when every piece was scanned; rank them apart).
     """

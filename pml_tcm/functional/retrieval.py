@@ -293,9 +293,9 @@ class RowRanker:
 class StreamRanking:
     """:class:`RankSums` of the whole score rows a cosine
     :class:`~pml_tcm.functional.streaming.PairStream` hands its ``row_hook`` (set it to
-    this): the rows of its small classes, ranked in the pass that scores them, so that
-    they need no second pass; :meth:`PairStream.unhooked_rows` are left to
-    :func:`retrieval_sums_of_sets`.
+    this): each query ranked in the pass that scores its whole row (a small class's chunk
+    in the main pass, a large class's with its positive slab), so that no second pass is
+    needed; :meth:`PairStream.unhooked_rows` are left to :func:`retrieval_sums_of_sets`.
 
     Args:
         stream: the stream (cosine closeness, on the CPU).
