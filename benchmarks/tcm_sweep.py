@@ -40,6 +40,9 @@ from torch import nn
 
 from pml_tcm import OPISAccuracyCalculator, with_tcm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep_runs import load_run  # noqa: E402  (benchmarks/ is not a package)
+
 METRICS = ("precision_at_1", "mean_average_precision_at_r", "opis", "eps_opis")
 LOSSES = ("multisimilarity", "arcface", "contrastive")
 DATASETS = ("digits", "fashion_mnist")
@@ -280,15 +283,6 @@ def train_and_evaluate(config: RunConfig, arrays: dict[str, np.ndarray]) -> dict
     }
 
 
-def load_run(path: Path, config: RunConfig) -> dict[str, Any] | None:
-    """The cached result of ``config``, or None if absent, unreadable or of another config."""
-    try:
-        result = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return result if result.get("config") == asdict(config) else None
-
-
 def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -439,7 +433,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         counts = run_sweep(configs, args.out, workers=args.workers)
         print(f"sweep: {counts['ran']} runs in {(time.perf_counter() - start) / 60:.1f} min")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import tcm_sweep_report
 
     tcm_sweep_report.write_report(specs, configs, args.out, figure_copy=args.figure)

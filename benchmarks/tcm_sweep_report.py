@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
+from sweep_runs import load_run
 
 METRICS = ("precision_at_1", "mean_average_precision_at_r", "opis", "eps_opis")
 SHORT = {
@@ -94,8 +95,6 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
 
 def load_results(configs: Sequence[Any], out: Path) -> dict[Point, dict[int, dict[str, float]]]:
     """``{point: {seed: metrics}}`` of the finished, successful runs among ``configs``."""
-    from tcm_sweep import load_run
-
     table: dict[Point, dict[int, dict[str, float]]] = defaultdict(dict)
     for config in configs:
         result = load_run(config.path(out), config)
