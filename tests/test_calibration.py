@@ -179,3 +179,14 @@ def test_nan_labels_are_refused_and_label_rows_are_classes():
     assert rows.worst_frr_class == (plain.worst_frr_class, 7 * plain.worst_frr_class)
     with pytest.raises(ValueError, match="labels must be 1-D"):
         calibrate_threshold(x, torch.stack([y, y], dim=1)[:, :, None], target_far=0.1)
+
+
+def test_summary_prints_the_target_as_given():
+    # (summary() once printed target_frr=0.9999999 as "target FRR 1")
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(200, 8, generator=gen)
+    y = torch.arange(200) % 5
+    summary = calibrate_threshold(x, y, target_frr=0.9999999).summary()
+    assert "for target FRR 0.9999999" in summary.splitlines()[0]
+    summary = calibrate_threshold(x, y, target_far=1e-3).summary()
+    assert summary.splitlines()[0].endswith("for target FAR 0.001")
