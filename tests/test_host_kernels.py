@@ -1,6 +1,6 @@
 """The NumPy kernels of the CPU pass (``pml_tcm.functional.host``) against naive torch
-references: the positions of the scores at or above a floor, and the grid histogram with
-its exact edges; and a pool that survives ``fork``."""
+references: the positions of the scores at or above a floor, the grid histogram and the
+buckets with their exact edges; and a pool that survives ``fork``."""
 
 from __future__ import annotations
 
@@ -107,6 +107,32 @@ def test_bucket_histogram_of_a_column_range_of_a_block(dtype, tile, monkeypatch)
         counted = _host_histogram(columns, edges)
     assert torch.equal(counted, _naive_histogram(columns.reshape(-1), grid))
     assert counted.sum() == columns.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tile", [13, 1 << 18])  # many tiles over the threads, one tile
+def test_buckets_are_the_naive_count_of_grid_points_at_or_below(dtype, tile, monkeypatch):
+    # the gathered pairs' buckets (the grid counter's keys), edges included
+    monkeypatch.setattr(host, "HISTOGRAM_TILE", tile)
+    lo, hi, size = -0.1, 0.4, 77
+    grid = torch.linspace(lo, hi, size, dtype=torch.float64)
+    edges = ceil_grid(grid, dtype)
+    gen = torch.Generator().manual_seed(11)
+    values = torch.cat(
+        [
+            torch.rand(3000, generator=gen, dtype=torch.float64).to(dtype) * 0.8 - 0.2,
+            edges,
+            torch.nextafter(edges, torch.full_like(edges, -math.inf)),
+            torch.tensor([-1.0, 1.0, math.inf, -math.inf], dtype=dtype),
+        ]
+    )
+    values = values[torch.randperm(values.numel(), generator=gen)]
+    scale = (size - 1) / (float(edges[-1]) - float(edges[0]))
+    shift = torch.tensor(0.75 - float(edges[0]) * scale, dtype=dtype)
+    next_edges = torch.cat([edges, torch.tensor([math.nan], dtype=dtype)])
+    expected = (values.to(torch.float64)[:, None] >= edges.to(torch.float64)[None, :]).sum(1)
+    with _threads(2):
+        assert torch.equal(host.buckets(values, next_edges, scale, shift), expected)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork start method")

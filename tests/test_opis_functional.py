@@ -31,8 +31,9 @@ def euclidean(queries, references):
     return torch.cdist(queries, references, compute_mode="donot_use_mm_for_euclid_dist")
 
 
-def position_free_products(queries, references, out=None):
-    """``queries @ references.T`` clamped to [-1, 1], each entry a sum over the dimensions
+def position_free_products(queries, references, out=None, clamp=True):
+    """``queries @ references.T`` clamped to [-1, 1] (left to the caller with
+    ``clamp=False``, as ``streaming.unit_products``), each entry a sum over the dimensions
     in one fixed order (a multiply and an add per term, no BLAS): the same value wherever
     the pair lies in a block. A BLAS may round a product by its place in the call (MKL on
     an AMD EPYC: float64 always, float32 with 2 threads), and the engine sorts the sets by
@@ -40,7 +41,7 @@ def position_free_products(queries, references, out=None):
     total = queries[:, None, 0] * references[None, :, 0]
     for k in range(1, queries.shape[1]):
         total = total + queries[:, None, k] * references[None, :, k]
-    total = total.clamp_(-1.0, 1.0)
+    total = total.clamp_(-1.0, 1.0) if clamp else total
     return total if out is None else out.copy_(total)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -101,6 +102,15 @@ class _KeyCounts:
     def total(self) -> Tensor:
         self._flush()
         return self.counts
+
+
+class _Estimate(NamedTuple):
+    """The arithmetic bucket estimate of :meth:`_GridCounter._estimate_of`."""
+
+    next_edges: Tensor  # (G + 1,): edge k + 1 of the grid (rounded up), NaN last
+    scale: float
+    shift: Tensor  # 0-d, the values' dtype
+    on_host: bool  # exact in the NumPy kernels too (twice the rounding error)
 
 
 class _GridCounter:
@@ -218,36 +228,46 @@ class _GridCounter:
         if rows_block is not None:  # (last: the hook may overwrite the block)
             self.stream.hand_over_rows(slab, rows_block)
 
+    def _estimate_of(self, dtype: torch.dtype, device: torch.device) -> _Estimate | None:
+        """How :meth:`bucket_histogram` and :meth:`buckets` estimate a ``dtype`` value's
+        bucket arithmetically, or ``None`` where the grid is too fine for it to be exact.
+
+        The estimate ``⌊(v - lo) · scale + 3/4⌋`` (clamped, truncated) is exact up to one
+        step while its rounding error, about ``eps · scale · |v|`` near the range, stays
+        below 1/8 of a bucket: it lies 1/4 below the exact position, so it is the bucket
+        or the one below, and one compare with the next edge settles it."""
+        edges, lo, hi = self._edges_of(dtype, device)
+        size = self.grid_size
+        scale = (size - 1) / (hi - lo) if hi > lo else math.inf
+        bound = max(abs(lo), abs(hi)) if math.isfinite(lo) and math.isfinite(hi) else math.inf
+        margin = torch.finfo(dtype).eps * scale * bound
+        # (a scale beyond the dtype's range, as for a 1e-40-wide range, is inf there)
+        if not (8 * margin < 1 and scale < torch.finfo(dtype).max / 4):
+            return None
+        shift = torch.tensor(0.75 - lo * scale, dtype=dtype, device=device)
+        # (NumPy rounds the product and the sum apart: twice the rounding error, so the
+        # host kernels need the margin for twice the bound)
+        return _Estimate(edges[1:], scale, shift, on_host=16 * margin < 1)
+
     def bucket_histogram(self, values: Tensor) -> Tensor:
         """``(G + 1,)`` int64: how many ``values`` (1-D, or a 2-D block whose rows may be
         strided) fall in each bucket (exact).
 
         In cache-sized tiles: the arithmetic estimate of each value's bucket is counted,
         then the few values that lie on the other side of an edge than estimated (rounding
-        near a grid point) are moved to their bucket."""
+        near a grid point) are moved to their bucket (see :meth:`_estimate_of`)."""
         dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
-        edges, lo, hi = self._edges_of(dtype, values.device)
         size = self.grid_size
         total = torch.zeros(size + 1, dtype=torch.int64, device=values.device)
-        scale = (size - 1) / (hi - lo) if hi > lo else math.inf
-        # the estimate below is exact up to one step while its rounding error, about
-        # eps * scale * |value| near the range, stays below 1/8 of a bucket
-        bound = max(abs(lo), abs(hi)) if math.isfinite(lo) and math.isfinite(hi) else math.inf
-        if not 8 * torch.finfo(dtype).eps * scale * bound < 1:
+        estimate = self._estimate_of(dtype, values.device)
+        if estimate is None:
             values = values.reshape(-1)
             for start in range(0, values.numel(), HISTOGRAM_TILE):
                 tile = values[start : start + HISTOGRAM_TILE].to(dtype)
                 total += torch.bincount(self.buckets(tile), minlength=size + 1)
             return total
-        # bucket estimate floor((v - lo) * scale + 3/4) (one fused multiply-add, then a
-        # clamp and a truncating cast): 1/4 below the exact position, more than its
-        # rounding error (< 1/8), so it is the bucket or the one below: one compare with
-        # the next edge settles it
-        shift = torch.tensor(0.75 - lo * scale, dtype=dtype, device=values.device)
-        next_edges = edges[1:]
-        # (NumPy rounds the product and the sum apart: twice the rounding error, so the
-        # margin is checked for twice the bound)
-        if values.device.type == "cpu" and 16 * torch.finfo(dtype).eps * scale * bound < 1:
+        next_edges, scale, shift = estimate.next_edges, estimate.scale, estimate.shift
+        if values.device.type == "cpu" and estimate.on_host:
             return total + host.bucket_histogram(values.to(dtype), next_edges, scale, shift)
         values = values.reshape(-1)
         for start in range(0, values.numel(), HISTOGRAM_TILE):
@@ -277,6 +297,10 @@ class _GridCounter:
         and ``searchsorted`` answers whatever the check rejects."""
         dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
         values = values.to(dtype)
+        if values.device.type == "cpu" and values.dim() == 1:
+            estimate = self._estimate_of(dtype, values.device)
+            if estimate is not None and estimate.on_host:  # (gathered values: never NaN)
+                return host.buckets(values, estimate.next_edges, estimate.scale, estimate.shift)
         edges, lo, hi = self._edges_of(dtype, values.device)
         size = self.grid_size
         scale = (size - 1) / (hi - lo) if hi > lo else math.inf

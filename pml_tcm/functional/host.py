@@ -62,15 +62,18 @@ def map_on_threads(work: Callable[[S], T], items: Sequence[S]) -> Iterable[T]:
     return _POOLS[workers].map(work, items)
 
 
-def positions_at_or_above(block: Tensor, floor: float) -> Tensor:
+def positions_at_or_above(block: Tensor, floor: float, clamp: bool = False) -> Tensor:
     """Row-major positions of the entries of ``block`` (CPU, float32/float64, any shape,
     contiguous) that are ``>= floor`` (compared in the block's dtype; NaN never passes),
-    ascending. ``(K,)`` int64."""
+    ascending. ``(K,)`` int64. ``clamp``: first clamp ``block`` to ``[-1, 1]`` in place,
+    a tile at a time (the compare then reads the tile from cache)."""
     data = block.reshape(-1).numpy()
     limit = data.dtype.type(floor)
 
     def find(start: int) -> np.ndarray:
         tile = data[start : start + FILTER_TILE]
+        if clamp:
+            np.clip(tile, -1, 1, out=tile)
         passed = _scratch("passed", tile.shape[0], np.bool_)
         np.greater_equal(tile, limit, out=passed)
         hits = np.flatnonzero(passed)
@@ -105,6 +108,43 @@ def row_counts_at_or_above(block: Tensor, floor: float) -> Tensor:
     return torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False))
 
 
+def _tile_buckets(
+    tile: np.ndarray, edges: np.ndarray, step: np.floating, offset: np.floating, out: np.ndarray
+) -> np.ndarray:
+    """Into ``out`` (int64, ``tile``'s shape): the estimate ``⌊v · step + offset⌋``
+    clamped to ``[0, G]``, moved up by one where ``v`` reaches ``edges`` (the next edges,
+    ``(G + 1,)``) at it. Scratch arrays of this thread hold the float temporaries."""
+    size = edges.shape[0] - 1
+    estimate = _scratch("estimate", tile.size, tile.dtype).reshape(tile.shape)
+    above = _scratch("above", tile.size, np.bool_).reshape(tile.shape)
+    np.multiply(tile, step, out=estimate)
+    estimate += offset
+    np.clip(estimate, 0, size, out=estimate)
+    np.copyto(out, estimate, casting="unsafe")  # truncates: the estimates are >= 0
+    # the next edge of each estimate ("wrap" skips the bounds check: all in [0, size])
+    np.take(edges, out, out=estimate, mode="wrap")
+    np.greater_equal(tile, estimate, out=above)
+    out += above
+    return out
+
+
+def buckets(values: Tensor, next_edges: Tensor, scale: float, shift: Tensor) -> Tensor:
+    """The bucket of each of ``values`` (1-D CPU float32/float64, never NaN), as
+    :func:`bucket_histogram` finds it: ``(n,)`` int64 in ``[0, G]``."""
+    data = values.contiguous().numpy()
+    edges = next_edges.numpy()
+    step, offset = data.dtype.type(scale), data.dtype.type(float(shift))
+    out = np.empty(data.shape[0], dtype=np.int64)
+
+    def place(start: int) -> None:
+        end = start + HISTOGRAM_TILE
+        _tile_buckets(data[start:end], edges, step, offset, out[start:end])
+
+    for _ in map_on_threads(place, range(0, data.shape[0], HISTOGRAM_TILE)):
+        pass
+    return torch.from_numpy(out)
+
+
 def bucket_histogram(values: Tensor, next_edges: Tensor, scale: float, shift: Tensor) -> Tensor:
     """How many ``values`` fall in each of ``G + 1`` buckets: the estimate
     ``⌊v · scale + shift⌋`` clamped to ``[0, G]``, moved up by one where ``v`` reaches
@@ -131,19 +171,9 @@ def bucket_histogram(values: Tensor, next_edges: Tensor, scale: float, shift: Te
     def count(corner: tuple[int, int]) -> Tensor:
         row, column = corner
         tile = data[row : row + row_step, column : column + column_step]
-        shape = tile.shape
-        estimate = _scratch("estimate", tile.size, data.dtype).reshape(shape)
-        buckets = _scratch("buckets", tile.size, np.int64).reshape(shape)
-        above = _scratch("above", tile.size, np.bool_).reshape(shape)
-        np.multiply(tile, step, out=estimate)
-        estimate += offset
-        np.clip(estimate, 0, size, out=estimate)
-        np.copyto(buckets, estimate, casting="unsafe")  # truncates: the estimates are >= 0
-        # the next edge of each estimate ("wrap" skips the bounds check: all in [0, size])
-        np.take(edges, buckets, out=estimate, mode="wrap")
-        np.greater_equal(tile, estimate, out=above)
-        buckets += above
-        return torch.bincount(torch.from_numpy(buckets.reshape(-1)), minlength=size + 1)
+        out = _scratch("buckets", tile.size, np.int64).reshape(tile.shape)
+        _tile_buckets(tile, edges, step, offset, out)
+        return torch.bincount(torch.from_numpy(out.reshape(-1)), minlength=size + 1)
 
     total = torch.zeros(size + 1, dtype=torch.int64)
     for part in map_on_threads(count, tiles):

@@ -67,10 +67,13 @@ a matrix-vector path whose rounding differs, and a score would depend on how the
 were chunked (identical rows came out as 0.99999994, 1.0 or 1.0000001)."""
 
 
-def unit_products(queries: Tensor, references: Tensor, out: Tensor | None = None) -> Tensor:
-    """``queries @ references.T`` of unit rows, clamped to ``[-1, 1]``, with the same
-    rounding whatever the number of rows (see :data:`MIN_GEMM_ROWS`). ``(n, D), (M, D)
-    -> (n, M)``, written into ``out`` when given."""
+def unit_products(
+    queries: Tensor, references: Tensor, out: Tensor | None = None, clamp: bool = True
+) -> Tensor:
+    """``queries @ references.T`` of unit rows, clamped to ``[-1, 1]`` (unless ``clamp``
+    is ``False``: the caller clamps), with the same rounding whatever the number of rows
+    (see :data:`MIN_GEMM_ROWS`). ``(n, D), (M, D) -> (n, M)``, written into ``out`` when
+    given."""
     rows, columns = queries.shape[0], references.shape[0]
     if rows < MIN_GEMM_ROWS:
         queries = torch.cat([queries, queries.new_zeros(MIN_GEMM_ROWS - rows, queries.shape[1])])
@@ -83,7 +86,7 @@ def unit_products(queries: Tensor, references: Tensor, out: Tensor | None = None
     else:
         product = (queries @ references.T)[:rows, :columns]
         out = product.contiguous() if out is None else out.copy_(product)
-    return out.clamp_(-1.0, 1.0)
+    return out.clamp_(-1.0, 1.0) if clamp else out
 
 
 def cosine_similarity_scores(queries: Tensor, references: Tensor) -> Tensor:
@@ -510,29 +513,44 @@ class PairStream:
         """Scores in the largest block: ``min(chunk_size, N) · M``."""
         return min(self.chunk_size, self.queries.shape[0]) * self.num_references
 
-    def closeness(self, start: int, end: int, column_start: int, column_end: int) -> Tensor:
+    def closeness(
+        self, start: int, end: int, column_start: int, column_end: int, clamp: bool = True
+    ) -> Tensor:
         """The ``(end - start, column_end - column_start)`` closeness block, contiguous;
-        with the cosine score it lives in a buffer that the next call overwrites."""
+        with the cosine score it lives in a buffer that the next call overwrites.
+        ``clamp=False``: the cosine block is not clamped to ``[-1, 1]`` yet (the caller
+        does it)."""
         queries = self.queries[start:end]
         references = self.references[column_start:column_end]
         if self.cosine:
-            rows, columns = queries.shape[0], references.shape[0]
-            if self._score_buffer is None:
-                self._score_buffer = references.new_empty(self._block_capacity())
-            block = self._score_buffer[: rows * columns].view(rows, columns)
-            unit_products(queries, references, out=block)
+            block = self._buffer_block(queries.shape[0], references.shape[0])
+            unit_products(queries, references, out=block, clamp=clamp)
             if not self.higher_is_closer:
                 block.neg_()
             return block
         block = self.score_fn(queries, references)
         return (block if self.higher_is_closer else block.neg()).contiguous()
 
-    def _positions_at_or_above(self, block: Tensor, floor: float) -> Tensor:
+    def _buffer_block(self, rows: int, columns: int) -> Tensor:
+        """A ``(rows, columns)`` view of the reused block buffer (at most a chunk's rows
+        against every reference)."""
+        if self._score_buffer is None:
+            self._score_buffer = self.references.new_empty(self._block_capacity())
+        return self._score_buffer[: rows * columns].view(rows, columns)
+
+    def _host_filters(self, block_dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether :meth:`_positions_at_or_above` runs on the host kernels (CPU)."""
+        return device.type == "cpu" and block_dtype in (torch.float32, torch.float64)
+
+    def _positions_at_or_above(self, block: Tensor, floor: float, clamp: bool = False) -> Tensor:
         """Row-major positions (``row · width + column``) of the entries ``>= floor``; NaN
         never passes. One compare into a reused mask, then ``nonzero`` over the mask read
-        as 64-bit words (eight entries each) and over the few words that hold a hit."""
-        if block.device.type == "cpu" and block.dtype in (torch.float32, torch.float64):
-            return host.positions_at_or_above(block, ceil_to_dtype(floor, block.dtype))
+        as 64-bit words (eight entries each) and over the few words that hold a hit.
+        ``clamp`` (host kernels only): clamp the block to ``[-1, 1]`` first, tile by tile."""
+        if self._host_filters(block.dtype, block.device):
+            limit = ceil_to_dtype(floor, block.dtype)
+            return host.positions_at_or_above(block, limit, clamp=clamp)
+        assert not clamp
         count = block.numel()
         padded = -(-count // 8) * 8
         if self._mask_buffer is None or self._mask_buffer.numel() < padded:
@@ -598,10 +616,12 @@ class PairStream:
         """The pairs of ``piece`` with closeness ``>= floor`` (one block, filtered once);
         ``keep_positions`` keeps their flat positions (FAR search)."""
         start, end = piece.start, piece.end
-        block = self.closeness(start, end, piece.column_start, piece.column_end)
+        # the host filter clamps the cosine block a tile at a time, in cache
+        fused = self.cosine and self._host_filters(self.queries.dtype, self.queries.device)
+        block = self.closeness(start, end, piece.column_start, piece.column_end, clamp=not fused)
         flat_block = block.view(-1)
         width = piece.width
-        positions = self._positions_at_or_above(block, floor)
+        positions = self._positions_at_or_above(block, floor, clamp=fused)
         values = flat_block.index_select(0, positions)
         boundaries = torch.arange(end - start + 1, device=positions.device) * width
         row_counts = torch.diff(torch.searchsorted(positions, boundaries))
@@ -735,8 +755,9 @@ class PairStream:
         for start in range(0, rows.shape[0], self.chunk_size):
             picked = rows[start : start + self.chunk_size]
             queries = self.queries.index_select(0, picked)
-            if self.cosine:
-                block = unit_products(queries, self.references)
+            if self.cosine:  # (into the reused buffer: a fresh block costs page faults)
+                block = self._buffer_block(queries.shape[0], self.num_references)
+                unit_products(queries, self.references, out=block)
             else:
                 block = self.score_fn(queries, self.references)
             block = (block if self.higher_is_closer else block.neg()).contiguous()
