@@ -138,9 +138,19 @@ def test_no_query_with_a_positive_is_nan_like_pml():
 # ------------------------------------------------------------ against a naive float64 ranking
 
 
+@pytest.fixture(params=["topk", "partition"])
+def ranking_branch(request, monkeypatch):
+    """Both ways of taking a row's R best keys: ``torch.topk`` (R <= TOPK_DEPTH) and
+    NumPy's partition and sort."""
+    from pml_tcm.functional import retrieval
+
+    monkeypatch.setattr(retrieval, "TOPK_DEPTH", 1 << 30 if request.param == "topk" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("chunk_size", [None, 5, 64])
-def test_equals_naive_ranking_on_larger_sets(dtype, chunk_size):
+def test_equals_naive_ranking_on_larger_sets(dtype, chunk_size, ranking_branch):
     x, y = clustered(7, [90, 60, 30, 12, 5, 2, 1], dim=16, spread=2.0)
     ref, ref_y = clustered(8, [50, 0, 40, 10, 3, 1, 9], dim=16, spread=2.0)
     self_expected = naive(x, y.tolist(), x, y.tolist(), 0)
@@ -152,7 +162,7 @@ def test_equals_naive_ranking_on_larger_sets(dtype, chunk_size):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
-def test_ties_rank_the_irrelevant_reference_first(dtype):
+def test_ties_rank_the_irrelevant_reference_first(dtype, ranking_branch):
     # signed axis vectors: every score is exactly -1, 0 or 1, so most scores tie
     gen = torch.Generator().manual_seed(9)
     axes = torch.cat([torch.eye(3), -torch.eye(3)])
