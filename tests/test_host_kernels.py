@@ -29,6 +29,21 @@ def test_positions_at_or_above_are_the_naive_nonzero(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_positions_with_clamp_clamp_the_block_first(dtype, monkeypatch):
+    monkeypatch.setattr(host, "FILTER_TILE", 64)  # many tiles
+    gen = torch.Generator().manual_seed(3)
+    block = (torch.rand(20, 33, generator=gen, dtype=torch.float64) * 2.2 - 1.1).to(dtype)
+    block[0, :3] = torch.tensor([1.0, 1.0000001, -1.0000001], dtype=torch.float64).to(dtype)
+    for floor in (1.0, 0.3, -1.0):
+        clamped = block.clamp(-1.0, 1.0)
+        expected = (clamped >= floor).reshape(-1).nonzero().squeeze(1)
+        work = block.clone()
+        with _threads(2):
+            assert torch.equal(host.positions_at_or_above(work, floor, clamp=True), expected)
+        assert torch.equal(work, clamped)  # clamped in place
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("tile", [5, 64, 1 << 20])  # a row per tile, some rows, all rows
 def test_row_counts_at_or_above_are_the_naive_row_sums(dtype, tile, monkeypatch):
     monkeypatch.setattr(host, "FILTER_TILE", tile)

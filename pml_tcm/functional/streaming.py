@@ -546,11 +546,12 @@ class PairStream:
         """Row-major positions (``row · width + column``) of the entries ``>= floor``; NaN
         never passes. One compare into a reused mask, then ``nonzero`` over the mask read
         as 64-bit words (eight entries each) and over the few words that hold a hit.
-        ``clamp`` (host kernels only): clamp the block to ``[-1, 1]`` first, tile by tile."""
+        ``clamp``: clamp the block to ``[-1, 1]`` first (the host kernels: tile by tile)."""
         if self._host_filters(block.dtype, block.device):
             limit = ceil_to_dtype(floor, block.dtype)
             return host.positions_at_or_above(block, limit, clamp=clamp)
-        assert not clamp
+        if clamp:
+            block.clamp_(-1.0, 1.0)
         count = block.numel()
         padded = -(-count // 8) * 8
         if self._mask_buffer is None or self._mask_buffer.numel() < padded:
