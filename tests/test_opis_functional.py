@@ -477,3 +477,55 @@ def test_a_bracket_too_full_to_collect_costs_one_more_pass_not_two(monkeypatch):
     assert result.calibration_range == (expected["lo"], expected["hi"])
     assert result.opis == pytest.approx(expected["opis"], abs=1e-9)
     assert len(passes) == 2
+
+
+@pytest.mark.parametrize("classes", [40, 2])  # small classes; large ones (slabs)
+def test_a_later_pass_over_retained_pairs_scores_no_block(monkeypatch, classes):
+    # the first pass retains every pair >= its floor (retain_limit): a second round of the
+    # search whose floor is not lower (the bracket narrowed at pivots, as at N = 100 000)
+    # is tallied from them, without scoring the pairs again; the negatives among them are
+    # told apart by taking the positive and self pairs' scores out of the bracket's
+    from pml_tcm.functional import far_search
+
+    passes, rounds = [], []
+    original_pass, original_reduce = far_search._exact_pass, far_search._PassTally.reduce
+
+    def exact_pass(*args, **kwargs):
+        passes.append(1)
+        return original_pass(*args, **kwargs)
+
+    def reduce(self, *args, **kwargs):
+        rounds.append(1)
+        return original_reduce(self, *args, **kwargs)
+
+    monkeypatch.setattr(far_search, "_exact_pass", exact_pass)
+    monkeypatch.setattr(far_search._PassTally, "reduce", reduce)
+    gen = torch.Generator().manual_seed(4)
+    queries = torch.randn(600, 16, generator=gen)
+    labels = torch.randint(0, classes, (600,), generator=gen)
+    queries[1] = queries[0]  # ties between pair kinds (self, positive, negative)
+    queries[2] = queries[0]
+    labels[2] = (labels[0] + 1) % classes
+    with mock.patch.object(streaming, "unit_products", position_free_products):
+        closeness = chunked_closeness(cosine_similarity_scores, True, queries, queries, 64)
+        expected = naive_opis(closeness, labels.numpy(), labels.numpy(), 0)
+        result = opis(queries, labels, chunk_size=64, collect_limit=500, retain_limit=1 << 24)
+    assert result.calibration_range == (expected["lo"], expected["hi"])
+    assert result.opis == pytest.approx(expected["opis"], abs=1e-9)
+    assert len(rounds) == 2  # the bracket was too full to collect in the first round
+    assert len(passes) == 1  # the second round scored no pair
+
+
+def test_multiset_difference_takes_out_one_copy_per_removed_score():
+    from collections import Counter
+
+    from pml_tcm.functional.far_search import _without
+
+    gen = torch.Generator().manual_seed(8)
+    values = torch.randint(0, 6, (200,), generator=gen).float() / 7  # many equal scores
+    removed = values[torch.randperm(200, generator=gen)[:120]]
+    expected = Counter(values.tolist()) - Counter(removed.tolist())
+    got = _without(values, removed)
+    assert Counter(got.tolist()) == expected
+    assert torch.equal(got, got.sort().values)
+    assert torch.equal(_without(values, values[:0]), values.sort().values)

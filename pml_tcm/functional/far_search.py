@@ -183,10 +183,42 @@ def _negatives_at_or_above(pairs: ChunkPairs, threshold: float) -> Tensor:
     )
 
 
+def _within(values: Tensor, low: float, high: float) -> Tensor:
+    """The ``values`` in ``[low, high)`` (compared in their dtype, exact)."""
+    inside = values < ceil_to_dtype(high, values.dtype)
+    if low > -math.inf:
+        inside &= values >= ceil_to_dtype(low, values.dtype)
+    return values[inside]
+
+
+def _without(values: Tensor, removed: Tensor) -> Tensor:
+    """``values`` less ``removed`` as multisets (``removed`` is a sub-multiset: copies of
+    some of the same scores), sorted."""
+    values = values.sort().values
+    if not removed.numel():
+        return values
+    removed = removed.sort().values
+    # the i-th copy of a value among the removed takes out the i-th copy among the values
+    copy = torch.arange(removed.numel(), device=removed.device) - torch.searchsorted(
+        removed, removed
+    )
+    keep = torch.ones_like(values, dtype=torch.bool)
+    keep[torch.searchsorted(values, removed) + copy] = False
+    return values[keep]
+
+
 def _negatives_between(stream: PairStream, pairs: ChunkPairs, low: float, high: float) -> Tensor:
-    """The negative scores of ``pairs`` in ``[low, high)``, as float64 (labels are looked
-    up for these pairs only)."""
+    """The negative scores of ``pairs`` in ``[low, high)``, as float64: labels are looked
+    up for these pairs only, or, for retained pairs (positions dropped), the positive and
+    self pairs' scores are taken out of them (the same floats, as multisets)."""
     values = pairs.values
+    if pairs.negative_only:
+        return _within(values, low, high).to(torch.float64)
+    if pairs.positions is None:
+        others = torch.cat(
+            [_within(pairs.positive_values, low, high), _within(pairs.self_values, low, high)]
+        )
+        return _without(_within(values, low, high), others).to(torch.float64)
     inside = values < ceil_to_dtype(high, values.dtype)
     if low > -math.inf:
         inside &= values >= ceil_to_dtype(low, values.dtype)
@@ -478,7 +510,13 @@ def far_closeness_thresholds(
             collect_limit=collect_limit,
             dense_capacity=min(collect_limit, num_negatives) if stream.sync_free else None,
         )
-        kept_pairs = _exact_pass(stream, tally, floor, retain_limit)
+        if retained is not None and floor >= retained_floor:
+            # every pair >= floor is held from an earlier pass: tally them, no new products
+            for pairs in retained:
+                tally.add(stream, pairs)
+            kept_pairs = None
+        else:
+            kept_pairs = _exact_pass(stream, tally, floor, retain_limit)
         tally.reduce(distributed)
         if kept_pairs is not None and floor <= retained_floor:
             retained, retained_floor = kept_pairs, floor
