@@ -183,12 +183,17 @@ def _negatives_at_or_above(pairs: ChunkPairs, threshold: float) -> Tensor:
     )
 
 
-def _within(values: Tensor, low: float, high: float) -> Tensor:
-    """The ``values`` in ``[low, high)`` (compared in their dtype, exact)."""
+def _in_bracket(values: Tensor, low: float, high: float) -> Tensor:
+    """Which ``values`` lie in ``[low, high)`` (compared in their dtype, exact; bool)."""
     inside = values < ceil_to_dtype(high, values.dtype)
     if low > -math.inf:
         inside &= values >= ceil_to_dtype(low, values.dtype)
-    return values[inside]
+    return inside
+
+
+def _within(values: Tensor, low: float, high: float) -> Tensor:
+    """The ``values`` in ``[low, high)``."""
+    return values[_in_bracket(values, low, high)]
 
 
 def _without(values: Tensor, removed: Tensor) -> Tensor:
@@ -219,10 +224,7 @@ def _negatives_between(stream: PairStream, pairs: ChunkPairs, low: float, high: 
             [_within(pairs.positive_values, low, high), _within(pairs.self_values, low, high)]
         )
         return _without(_within(values, low, high), others).to(torch.float64)
-    inside = values < ceil_to_dtype(high, values.dtype)
-    if low > -math.inf:
-        inside &= values >= ceil_to_dtype(low, values.dtype)
-    selected = inside.nonzero().squeeze(1)
+    selected = _in_bracket(values, low, high).nonzero().squeeze(1)
     negative = stream.negatives_of(pairs, selected).nonzero().squeeze(1)
     return values.index_select(0, selected.index_select(0, negative)).to(torch.float64)
 
