@@ -282,6 +282,74 @@ def test_rank_keys_sort_like_the_scores_descending():
         assert np.array_equal(keys[:, None] == keys[None, :], scores[:, None] == scores[None, :])
 
 
+def naive_rows(scores, labels, positives, ref_labels):
+    """Hits at 1 and summed AP@R of score rows, row by row in float64 (``R`` given per
+    row, rows with ``R = 0`` skipped; irrelevant references first among equal scores)."""
+    hits, total = 0, 0.0
+    for row, label, r in zip(scores.tolist(), labels.tolist(), positives.tolist()):
+        if r == 0:
+            continue
+        ranked = sorted(range(len(row)), key=lambda j: (-row[j], ref_labels[j] == label))[:r]
+        found = 0
+        for k, j in enumerate(ranked, start=1):
+            if ref_labels[j] == label:
+                found += 1
+                total += found / k / r
+        hits += int(ref_labels[ranked[0]] == label)
+    return hits, total
+
+
+@pytest.mark.parametrize("group", [1, 3, 8, 1000])
+def test_row_ranker_ranks_rows_of_several_labels_in_one_task_as_alone(group, ranking_branch):
+    from pml_tcm.functional.retrieval import RowRanker
+
+    rng = np.random.default_rng(21)
+    ref_labels = rng.integers(0, 12, 300)
+    # rows sorted by label: pairs, singletons, one large class, and rows without a positive
+    labels = np.sort(np.concatenate([np.arange(12).repeat(2), np.full(9, 3), [20, 20, 21]]))
+    sizes = np.bincount(ref_labels, minlength=22)
+    positives = sizes[labels]
+    positives[labels == 5] = 1  # R = 1 rows (the min way), beside others of larger R
+    scores = rng.choice(np.linspace(-1, 1, 41), size=(labels.size, 300)).astype(np.float32)
+    expected = naive_rows(scores, labels, positives, ref_labels.tolist())
+    ranker = RowRanker(ref_labels, int(positives.max()), group)
+    tasks = []
+
+    def counting_map(function, items):
+        items = list(items)
+        tasks.extend(items)
+        return map(function, items)
+
+    sums = ranker.rank(scores.copy(), labels, positives, counting_map)
+    assert sums.queries == int(np.count_nonzero(positives))
+    assert sums.hits == expected[0]
+    assert sums.precision == pytest.approx(expected[1], rel=1e-12)
+    # labels of few rows share a task up to `group` rows (before: one task a label)
+    assert all(len(task[0]) <= group for task in tasks)
+    ranked_labels = len(np.unique(labels[positives > 0]))
+    if group == 1000 and ranking_branch == "topk":
+        assert len(tasks) == 1 < ranked_labels
+
+
+def test_pairs_of_labels_need_few_ranking_tasks():
+    from pml_tcm.functional.retrieval import RowRanker
+
+    labels = np.arange(100).repeat(2)  # 100 labels of two rows: R = 1 each
+    scores = np.random.default_rng(3).uniform(-1, 1, (200, 200)).astype(np.float32)
+    tasks = []
+
+    def counting_map(function, items):
+        items = list(items)
+        tasks.extend(items)
+        return map(function, items)
+
+    ranker = RowRanker(labels, 1, 26)
+    sums = ranker.rank(scores.copy(), labels, np.ones(200, dtype=np.int64), counting_map)
+    assert len(tasks) <= 200 // 26 + 1
+    expected = naive_rows(scores, labels, np.ones(200, dtype=np.int64), labels.tolist())
+    assert (sums.hits, sums.precision) == (expected[0], pytest.approx(expected[1]))
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -272,22 +272,53 @@ class RowRanker:
         at :data:`SELF_SCORE`), rows sorted by label, ``labels`` and ``positives`` (``R``)
         ``(n,)`` each; rows with ``R = 0`` are left out. ``map_tasks``: ``map`` or a
         pool's."""
-        bounds = [0, *(np.flatnonzero(np.diff(labels)) + 1).tolist(), labels.size]
+        depths = np.minimum(positives, self.depth)
         tasks = [
-            (scores[g : min(g + self.group, high)], labels[low], int(positives[low]))
-            for low, high in zip(bounds[:-1], bounds[1:])
-            if positives[low] > 0
-            for g in range(low, high, self.group)
+            (scores[low:high], labels[low:high], depths[low:high])
+            for low, high in self._row_ranges(labels, depths)
         ]
-        sums = RankSums(queries=sum(len(task[0]) for task in tasks))
+        sums = RankSums(queries=int(np.count_nonzero(positives > 0)))
         for task_hits, task_precision in map_tasks(self._rank_task, tasks):
             sums.hits += task_hits
             sums.precision += task_precision
         return sums
 
-    def _rank_task(self, task: tuple[np.ndarray, int, int]) -> tuple[int, float]:
-        scores, label, r = task
-        return _rank(scores, self.ref_labels == label, min(r, self.depth), self.inverse_rank)
+    def _row_ranges(self, labels: np.ndarray, depths: np.ndarray) -> list[tuple[int, int]]:
+        """``[low, high)`` row ranges of at most ``group`` rows ranked by one task: a
+        label's rows alone, or consecutive labels of few rows each whose ``R`` all take
+        the ``topk`` way (one task per label of a pair or two would spend its time in the
+        hand-off, not the ranking). Every row with ``R > 0`` is in one range."""
+        bounds = [0, *(np.flatnonzero(np.diff(labels)) + 1).tolist(), labels.size]
+        ranges: list[tuple[int, int]] = []
+        pending: list[int] = []  # [low, high) of the merged labels so far
+
+        def flush() -> None:
+            if pending:
+                ranges.append((pending[0], pending[1]))
+                pending.clear()
+
+        for low, high in zip(bounds[:-1], bounds[1:]):
+            depth = int(depths[low])
+            if high - low < self.group and depth <= TOPK_DEPTH:
+                if pending and high - pending[0] > self.group:
+                    flush()
+                if pending:
+                    pending[1] = high
+                elif depth > 0:
+                    pending.extend((low, high))
+                continue
+            flush()
+            if depth > 0:
+                ranges.extend((g, min(g + self.group, high)) for g in range(low, high, self.group))
+        flush()
+        return ranges
+
+    def _rank_task(self, task: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[int, float]:
+        scores, labels, depths = task
+        if labels[0] == labels[-1]:  # rows sorted by label: one label
+            return _rank(scores, self.ref_labels == labels[0], int(depths[0]), self.inverse_rank)
+        relevant = self.ref_labels == labels[:, None]
+        return _rank_rows(scores, relevant, depths, self.inverse_rank)
 
 
 class StreamRanking:
@@ -381,7 +412,8 @@ TOPK_DEPTH = 256
 """Up to this ``R`` a row's ``R`` smallest keys come from ``torch.topk`` (sorted), beyond
 it from NumPy's ``partition`` and a sort of those ``R`` (2-core EPYC, rows of 20 000 int32
 keys: ``topk`` 26 / 32 / 116 µs a row for R = 1 / 49 / 400, ``partition`` 106-113 µs
-whatever R, then the sort: 249 µs in all at R = 10 000 against ``topk``'s 508)."""
+whatever R, then the sort: 249 µs in all at R = 10 000 against ``topk``'s 508); R = 1 is
+a row's minimum (1.3 µs a row)."""
 
 
 def _rank(
@@ -391,17 +423,44 @@ def _rank(
     overwritten), ``relevant`` an ``(M,)`` mask."""
     keys = _rank_keys(scores)
     keys += relevant  # relevant: even, right after irrelevant keys of equal score
-    if r <= TOPK_DEPTH:  # the R most similar references, most similar first
-        top = torch.topk(torch.from_numpy(keys), r, dim=1, largest=False).values.numpy()
-    else:
-        keys.partition(r - 1, axis=1)
-        top = keys[:, :r]
-        top.sort(axis=1)
+    top = _smallest_keys(keys, r)
     is_relevant = top & 1 == 0
     found = np.cumsum(is_relevant, axis=1, dtype=np.int32)
     found *= is_relevant  # k P(k) rel(k)
     precision = float((found @ inverse_rank[:r]).sum()) / r
     return int(np.count_nonzero(is_relevant[:, 0])), precision
+
+
+def _rank_rows(
+    scores: np.ndarray, relevant: np.ndarray, depths: np.ndarray, inverse_rank: np.ndarray
+) -> tuple[int, float]:
+    """:func:`_rank` of rows of several labels: ``relevant`` ``(g, M)``, each row's own
+    ``R`` in ``depths`` ``(g,)`` (rows with ``R = 0`` count for nothing), all at most
+    :data:`TOPK_DEPTH`."""
+    keys = _rank_keys(scores)
+    keys += relevant
+    depth = int(depths.max())
+    top = _smallest_keys(keys, depth)
+    is_relevant = top & 1 == 0
+    is_relevant &= np.arange(depth) < depths[:, None]  # a row's own R best only
+    found = np.cumsum(is_relevant, axis=1, dtype=np.int32)
+    found *= is_relevant
+    counted = depths > 0
+    precision = float(((found[counted] @ inverse_rank[:depth]) / depths[counted]).sum())
+    return int(np.count_nonzero(is_relevant[:, 0])), precision
+
+
+def _smallest_keys(keys: np.ndarray, r: int) -> np.ndarray:
+    """``(g, r)`` the ``r`` smallest keys of each row of ``keys`` (``(g, M)``, reordered),
+    ascending: the ``R`` most similar references, most similar first."""
+    if r == 1:
+        return keys.min(axis=1, keepdims=True)  # ~20x faster than topk's k = 1
+    if r <= TOPK_DEPTH:
+        return torch.topk(torch.from_numpy(keys), r, dim=1, largest=False).values.numpy()
+    keys.partition(r - 1, axis=1)
+    top = keys[:, :r]
+    top.sort(axis=1)
+    return top
 
 
 def _rank_keys(scores: np.ndarray) -> np.ndarray:
