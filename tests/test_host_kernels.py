@@ -17,30 +17,38 @@ from pml_tcm.functional.counting import ceil_grid
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(0, 5), (1, 1), (3, 7), (37, host.FILTER_TILE // 16 + 3)])
-def test_positions_at_or_above_are_the_naive_nonzero(dtype, shape):
+@pytest.mark.parametrize("odd_tiles", [False, True])  # tiles of a size not a multiple of 8
+def test_positions_at_or_above_are_the_naive_nonzero(dtype, shape, odd_tiles, monkeypatch):
+    if odd_tiles:
+        monkeypatch.setattr(host, "FILTER_TILE", 61 if shape[0] * shape[1] < 10**4 else 8189)
     gen = torch.Generator().manual_seed(sum(shape))
     block = torch.rand(shape, generator=gen, dtype=torch.float64).to(dtype)
     if block.numel() > 4:
         flat = block.view(-1)
         flat[0], flat[1], flat[2], flat[3] = math.nan, math.inf, -math.inf, 0.75
-    for floor in (0.75, 0.999, -math.inf, 2.0):
+        flat[-1] = 0.9995  # a hit in the last score of the last (partial) word
+    # sparse (the 64-bit word path), dense (every score: the byte path) and none
+    for floor in (0.75, 0.999, 0.9995, -math.inf, 2.0):
         expected = (block >= floor).reshape(-1).nonzero().squeeze(1)
-        assert torch.equal(host.positions_at_or_above(block, floor), expected)
+        with _threads(2):
+            assert torch.equal(host.positions_at_or_above(block, floor), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_positions_with_clamp_clamp_the_block_first(dtype, monkeypatch):
+def test_positions_with_clamp_are_those_of_the_clamped_block(dtype, monkeypatch):
     monkeypatch.setattr(host, "FILTER_TILE", 64)  # many tiles
     gen = torch.Generator().manual_seed(3)
     block = (torch.rand(20, 33, generator=gen, dtype=torch.float64) * 2.2 - 1.1).to(dtype)
-    block[0, :3] = torch.tensor([1.0, 1.0000001, -1.0000001], dtype=torch.float64).to(dtype)
-    for floor in (1.0, 0.3, -1.0):
+    block[0, :4] = torch.tensor([1.0, 1.0000001, -1.0000001, math.nan], dtype=torch.float64).to(
+        dtype
+    )
+    for floor in (1.0, 1.00000005, 1.5, 0.3, -1.0, -1.00000005, -1.5, -math.inf):
         clamped = block.clamp(-1.0, 1.0)
         expected = (clamped >= floor).reshape(-1).nonzero().squeeze(1)
         work = block.clone()
         with _threads(2):
             assert torch.equal(host.positions_at_or_above(work, floor, clamp=True), expected)
-        assert torch.equal(work, clamped)  # clamped in place
+        assert torch.allclose(work, block, rtol=0, atol=0, equal_nan=True)  # left as it is
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -17,6 +17,7 @@ thread: 2.3); the filter 0.6 -> 0.27-0.4 ns a score.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -65,18 +66,35 @@ def map_on_threads(work: Callable[[S], T], items: Sequence[S]) -> Iterable[T]:
 def positions_at_or_above(block: Tensor, floor: float, clamp: bool = False) -> Tensor:
     """Row-major positions of the entries of ``block`` (CPU, float32/float64, any shape,
     contiguous) that are ``>= floor`` (compared in the block's dtype; NaN never passes),
-    ascending. ``(K,)`` int64. ``clamp``: first clamp ``block`` to ``[-1, 1]`` in place,
-    a tile at a time (the compare then reads the tile from cache)."""
+    ascending. ``(K,)`` int64. ``clamp``: the positions where ``block`` clamped to
+    ``[-1, 1]`` is ``>= floor`` (``block`` is left as it is)."""
     data = block.reshape(-1).numpy()
     limit = data.dtype.type(floor)
+    if clamp and limit <= -1.0:
+        limit = data.dtype.type(-math.inf)  # every clamped score passes (NaN still fails)
+    elif clamp and limit > 1.0:
+        limit = data.dtype.type(math.nan)  # none does
+    # (otherwise, for -1 < limit <= 1, clamping moves no score across the limit)
 
     def find(start: int) -> np.ndarray:
         tile = data[start : start + FILTER_TILE]
-        if clamp:
-            np.clip(tile, -1, 1, out=tile)
-        passed = _scratch("passed", tile.shape[0], np.bool_)
-        np.greater_equal(tile, limit, out=passed)
-        hits = np.flatnonzero(passed)
+        size = tile.shape[0]
+        passed = _scratch("passed", -(-size // 8) * 8, np.bool_)
+        np.greater_equal(tile, limit, out=passed[:size])
+        passed[size:] = False
+        # nonzero over the mask read as 64-bit words, then over the few words with a hit
+        # (NumPy's nonzero over the bytes costs 3x the compare, over the words more)
+        words = passed.view(np.uint64)
+        nonzero_words = _scratch("words", words.shape[0], np.bool_)
+        np.not_equal(words, 0, out=nonzero_words)
+        hit_words = np.flatnonzero(nonzero_words)
+        if 4 * hit_words.size > words.shape[0]:  # dense: the words would not pay
+            hits = np.flatnonzero(passed)
+        else:
+            within = np.flatnonzero(words[hit_words].view(np.bool_))
+            hits = hit_words[within >> 3]
+            hits <<= 3
+            hits += within & 7
         hits += start
         return hits
 

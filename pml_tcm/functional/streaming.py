@@ -546,7 +546,8 @@ class PairStream:
         """Row-major positions (``row · width + column``) of the entries ``>= floor``; NaN
         never passes. One compare into a reused mask, then ``nonzero`` over the mask read
         as 64-bit words (eight entries each) and over the few words that hold a hit.
-        ``clamp``: clamp the block to ``[-1, 1]`` first (the host kernels: tile by tile)."""
+        ``clamp``: the entries of the block clamped to ``[-1, 1]`` (the host kernels
+        leave the block unclamped; elsewhere it is clamped in place)."""
         if self._host_filters(block.dtype, block.device):
             limit = ceil_to_dtype(floor, block.dtype)
             return host.positions_at_or_above(block, limit, clamp=clamp)
@@ -617,13 +618,16 @@ class PairStream:
         """The pairs of ``piece`` with closeness ``>= floor`` (one block, filtered once);
         ``keep_positions`` keeps their flat positions (FAR search)."""
         start, end = piece.start, piece.end
-        # the host filter clamps the cosine block a tile at a time, in cache
+        # the host filter compares the unclamped cosine block as if clamped: only the
+        # scores taken from it are clamped (a pass over the whole block saved)
         fused = self.cosine and self._host_filters(self.queries.dtype, self.queries.device)
         block = self.closeness(start, end, piece.column_start, piece.column_end, clamp=not fused)
         flat_block = block.view(-1)
         width = piece.width
         positions = self._positions_at_or_above(block, floor, clamp=fused)
         values = flat_block.index_select(0, positions)
+        if fused:
+            values.clamp_(-1.0, 1.0)
         boundaries = torch.arange(end - start + 1, device=positions.device) * width
         row_counts = torch.diff(torch.searchsorted(positions, boundaries))
         empty_rows = torch.zeros(0, dtype=torch.int64, device=positions.device)
@@ -648,6 +652,8 @@ class PairStream:
 
         def gather(rows: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
             scores = flat_block.index_select(0, rows * width + columns)
+            if fused:
+                scores.clamp_(-1.0, 1.0)
             kept = (scores >= floor_value).nonzero().squeeze(1)
             return scores.index_select(0, kept), rows.index_select(0, kept)
 
@@ -668,7 +674,7 @@ class PairStream:
             and block.device.type == "cpu"
         ):  # whole rows, once each (the hook may overwrite the block: it is done with)
             self._hooked_pieces.add(start)
-            self.row_hook(start, end, block)
+            self.row_hook(start, end, block.clamp_(-1.0, 1.0) if fused else block)
         return pairs
 
     def negatives_of(self, pairs: ChunkPairs, selected: Tensor) -> Tensor:
