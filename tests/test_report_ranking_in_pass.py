@@ -5,6 +5,7 @@ numbers equal a naive float64 ranking and pml's own."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -143,3 +144,88 @@ def test_when_the_rest_does_not_fit_map_at_r_is_skipped_for_all(monkeypatch):
     assert len(report.notes) == 1 and "MAP@R skipped" in report.notes[0]
     # R@1 still covers every query: those ranked in the pass and the rest
     assert report.metrics[P1] == pytest.approx(naive_retrieval(x, y)[P1], abs=1e-12)
+
+
+@contextlib.contextmanager
+def threads(count):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def tie_aware_naive(scores, relevant, depths):
+    """Hits at 1 and summed AP@R of score rows (float64, row by row); among equal scores
+    the irrelevant reference ranks first."""
+    hits, total = 0, 0.0
+    for row, rel, r in zip(scores.tolist(), relevant.tolist(), depths.tolist()):
+        if r == 0:
+            continue
+        ranked = sorted(range(len(row)), key=lambda j: (-row[j], rel[j]))[:r]
+        found = 0
+        for k, j in enumerate(ranked, start=1):
+            found += rel[j]
+            total += rel[j] * found / k / r
+        hits += rel[ranked[0]]
+    return hits, total
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("only_the_best", [False, True])  # R = 1 everywhere: no sort
+def test_ragged_rows_rank_as_a_naive_sort(dtype, only_the_best):
+    rng = np.random.default_rng(8)
+    sizes = np.array([5, 0, 1, 12, 7, 30])  # scores per row (row 1 has none)
+    depths = np.array([1, 0, 1, 1, 1, 1]) if only_the_best else np.array([3, 0, 1, 12, 2, 9])
+    rows = np.repeat(np.arange(sizes.size), sizes)
+    scores = rng.choice(np.linspace(-1, 1, 9), size=rows.size).astype(dtype)  # many ties
+    relevant = rng.random(rows.size) < 0.5
+    dense = np.full((sizes.size, sizes.max()), -np.inf)
+    dense_relevant = np.zeros(dense.shape, dtype=bool)
+    for i in range(sizes.size):
+        dense[i, : sizes[i]] = scores[rows == i]
+        dense_relevant[i, : sizes[i]] = relevant[rows == i]
+    inverse_rank = 1.0 / np.arange(1, depths.max() + 1)
+    hits, precision = retrieval._rank_ragged(
+        scores.copy(), rows, relevant, depths, sizes.size, inverse_rank
+    )
+    expected = tie_aware_naive(dense, dense_relevant, depths)
+    assert hits == expected[0]
+    assert precision == pytest.approx(expected[1], rel=1e-12)
+
+
+@pytest.mark.parametrize("part", [retrieval.RAGGED_PART, 16])  # one worker, or parts
+def test_rows_with_enough_pairs_above_the_floor_are_ranked_from_them(monkeypatch, part):
+    monkeypatch.setattr(retrieval, "RAGGED_PART", part)
+    # tight classes (their R best score above the pass's floor) and one wide class (its
+    # rows' R best reach below it: ranked from the whole row); ties: test above
+    gen = np.random.default_rng(11)
+    tight, tight_y = clustered(6, [8] * 30)
+    x = np.concatenate([tight, gen.standard_normal((50, 8)).astype(np.float32)])
+    y = np.concatenate([tight_y, np.full(50, 30)])
+    whole_rows: list[int] = []
+    original = retrieval.RowRanker.rank
+
+    def spy(self, scores, labels, positives, map_tasks=map):
+        whole_rows.extend(labels.tolist())
+        return original(self, scores, labels, positives, map_tasks)
+
+    monkeypatch.setattr(retrieval.RowRanker, "rank", spy)
+    # a guide and a floor at this size (by default so few negatives are all collected)
+    small = functools.partial(compute.evaluate_sets, collect_limit=64)
+    monkeypatch.setattr(compute, "evaluate_sets", small)
+    with threads(2):
+        report = compute_report(x, y, bootstrap=0)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    scores = unit.astype(np.float64) @ unit.astype(np.float64).T
+    np.fill_diagonal(scores, -np.inf)  # the self pair ranks last (R < M - 1)
+    relevant = y[:, None] == y[None, :]
+    np.fill_diagonal(relevant, False)
+    depths = relevant.sum(axis=1)
+    hits, total = tie_aware_naive(scores, relevant, depths)
+    counted = int(np.count_nonzero(depths))
+    assert report.metrics[P1] == pytest.approx(hits / counted, abs=1e-12)
+    assert report.metrics[MAP] == pytest.approx(total / counted, abs=1e-12)
+    # the whole-row ranking saw the wide class's rows, not every row (before: all)
+    assert whole_rows.count(30) == 50 and len(whole_rows) < len(y) - 50

@@ -36,11 +36,12 @@ from torch import Tensor
 from . import host, validation
 from .normalize import unit_rows_into
 from .prepare import PreparedSets, prepare_sets
-from .streaming import PairStream, unit_products
+from .streaming import HookedRows, PairStream, unit_products
 
 RETRIEVAL_METRICS = ("precision_at_1", "mean_average_precision_at_r")
 DEFAULT_MAX_BYTES = 256 * 2**20
 GROUP_BYTES = 2**21  # score rows ranked together by one worker: about a core's cache
+RAGGED_PART = 1 << 14  # candidates of a chunk ranked by one worker, at least
 SELF_SCORE = -1.5  # below every cosine similarity: a query's own copy ranks last
 
 
@@ -327,6 +328,9 @@ class StreamRanking:
     this): each query ranked in the pass that scores its whole row (a small class's chunk
     in the main pass, a large class's with its positive slab), so that no second pass is
     needed; :meth:`PairStream.unhooked_rows` are left to :func:`retrieval_sums_of_sets`.
+    A row handed over with the scan's pairs above its floor is ranked from those alone
+    when they number at least its ``R`` (``R <=`` :data:`TOPK_DEPTH`; about 1 % of a row
+    in the report's pass), the others from the whole row.
 
     Args:
         stream: the stream (cosine closeness, on the CPU).
@@ -346,13 +350,73 @@ class StreamRanking:
         self.ranker = RowRanker(ref_labels, depth, GROUP_BYTES // score_row)
         self.sums = RankSums()
 
-    def __call__(self, start: int, end: int, block: Tensor) -> None:
-        scores = block.numpy()
+    def __call__(self, rows: HookedRows) -> None:
+        start, end = rows.start, rows.end
+        labels, positives = self.labels[start:end], self.positives[start:end]
+        depths = np.minimum(positives, self.ranker.depth)
+        whole = np.ones(end - start, dtype=bool)
+        if rows.positions is not None and rows.values is not None:
+            whole = self._rank_candidates(rows, depths)
+        if not whole.any():
+            return
+        scores = rows.block.numpy()
+        if not whole.all():
+            kept = np.flatnonzero(whole)
+            scores, labels, positives = scores[kept], labels[kept], positives[kept]
+        else:
+            kept = np.arange(end - start)
+        if not rows.clamped:
+            np.minimum(scores, 1.0, out=scores)
+            np.maximum(scores, -1.0, out=scores)
         if self.self_columns is not None:
-            scores[np.arange(end - start), self.self_columns[start:end]] = SELF_SCORE
-        self.sums += self.ranker.rank(
-            scores, self.labels[start:end], self.positives[start:end], host.map_on_threads
-        )
+            scores[np.arange(kept.size), self.self_columns[start + kept]] = SELF_SCORE
+        self.sums += self.ranker.rank(scores, labels, positives, host.map_on_threads)
+
+    def _rank_candidates(self, rows: HookedRows, depths: np.ndarray) -> np.ndarray:
+        """Ranks, into :attr:`sums`, the rows whose scores at or above the scan's floor
+        (their *candidates*, self pair aside) number at least their ``R`` (at most
+        :data:`TOPK_DEPTH`): every other reference scores below each candidate, so the
+        ``R`` best are among them. Returns the ``(n,)`` mask of the rows left to rank
+        whole."""
+        start, count = rows.start, rows.end - rows.start
+        positions = rows.positions.numpy()
+        width = rows.block.shape[1]
+        row, column = np.divmod(positions, width)
+        if self.self_columns is not None:
+            other = column != self.self_columns[start + row]
+            row, column = row[other], column[other]
+            values = rows.values.numpy()[other]
+        else:
+            values = rows.values.numpy()
+        counts = np.bincount(row, minlength=count)
+        ranked = (counts >= depths) & (depths > 0) & (depths <= TOPK_DEPTH)
+        if ranked.any():
+            keep = ranked[row]
+            row, column, values = row[keep], column[keep], values[keep]
+            relevant = self.ranker.ref_labels[column] == self.labels[start + row]
+            # the rows in about equal parts, one a worker
+            parts = max(1, min(torch.get_num_threads(), row.size // RAGGED_PART))
+            cuts = np.searchsorted(row, np.linspace(0, count, parts + 1)[1:-1])
+            bounds = [0, *cuts.tolist(), row.size]
+
+            def rank_part(part: int) -> tuple[int, float]:
+                low, high = bounds[part], bounds[part + 1]
+                if low == high:
+                    return 0, 0.0
+                first = int(row[low])
+                return _rank_ragged(
+                    values[low:high],
+                    row[low:high] - first,
+                    relevant[low:high],
+                    depths[first : int(row[high - 1]) + 1],
+                    int(row[high - 1]) + 1 - first,
+                    self.ranker.inverse_rank,
+                )
+
+            for hits, precision in host.map_on_threads(rank_part, range(parts)):
+                self.sums += RankSums(hits, precision)
+            self.sums += RankSums(queries=int(np.count_nonzero(ranked)))
+        return ~ranked & (depths > 0)
 
 
 def _plan(
@@ -448,6 +512,35 @@ def _rank_rows(
     counted = depths > 0
     precision = float(((found[counted] @ inverse_rank[:depth]) / depths[counted]).sum())
     return int(np.count_nonzero(is_relevant[:, 0])), precision
+
+
+def _rank_ragged(
+    scores: np.ndarray,
+    rows: np.ndarray,
+    relevant: np.ndarray,
+    depths: np.ndarray,
+    count: int,
+    inverse_rank: np.ndarray,
+) -> tuple[int, float]:
+    """:func:`_rank` of ragged rows: ``scores`` ``(K,)`` (may be overwritten) of rows
+    ``rows`` (``(K,)`` int64 in ``[0, count)``, ascending), ``relevant`` ``(K,)``; row
+    ``i`` ranks its ``depths[i]`` best (it has at least that many scores, ``depths[i] <=``
+    :data:`TOPK_DEPTH`). The rows are padded to a matrix with :data:`SELF_SCORE`
+    (irrelevant, below every score: never among a row's ``R`` best)."""
+    sizes = np.bincount(rows, minlength=count)
+    counted = np.flatnonzero(sizes)
+    first = np.cumsum(sizes) - sizes
+    if depths[counted].max(initial=0) == 1:  # R = 1: each row's least key (no matrix)
+        keys = _rank_keys(scores)  # (overwrites scores)
+        keys += relevant
+        hits = int(np.count_nonzero(np.minimum.reduceat(keys, first[counted]) & 1 == 0))
+        return hits, float(hits)
+    padded = np.full((counted.size, int(sizes.max(initial=1))), SELF_SCORE, dtype=scores.dtype)
+    padded_relevant = np.zeros(padded.shape, dtype=bool)
+    at = (np.repeat(np.arange(counted.size), sizes[counted]), np.arange(rows.size) - first[rows])
+    padded[at] = scores
+    padded_relevant[at] = relevant
+    return _rank_rows(padded, padded_relevant, depths[counted], inverse_rank)
 
 
 def _smallest_keys(keys: np.ndarray, r: int) -> np.ndarray:

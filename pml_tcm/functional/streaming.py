@@ -48,10 +48,35 @@ from .normalize import unit_rows, unit_rows_into
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 """``(queries (n, D), references (M, D)) -> scores (n, M)``, floating point."""
-RowHook = Callable[[int, int, Tensor], None]
-"""``(start, end, block)``: the ``(end - start, M)`` closeness of the stream's query rows
-``[start, end)`` against every reference (CPU), handed over by :meth:`PairStream.scan`
-once per row; the hook may overwrite the block."""
+
+
+@dataclass(frozen=True)
+class HookedRows:
+    """Whole score rows handed to a :data:`RowHook`: the stream's query rows ``[start,
+    end)`` against every reference (CPU).
+
+    Attributes:
+        start: first query row (the stream's sorted order).
+        end: one past the last query row.
+        block: ``(end - start, M)`` closeness (the hook may overwrite it).
+        clamped: whether ``block`` is clamped to ``[-1, 1]`` already (if not, the hook
+            clamps what it reads of it).
+        positions: ``(K,)`` int64 ascending row-major positions of the block's scores at or
+            above the scan's floor, or ``None`` (then the block alone is given).
+        values: ``(K,)`` those scores, clamped, or ``None``.
+    """
+
+    start: int
+    end: int
+    block: Tensor
+    clamped: bool = True
+    positions: Tensor | None = None
+    values: Tensor | None = None
+
+
+RowHook = Callable[[HookedRows], None]
+"""Called with the :class:`HookedRows` of every query row once, by :meth:`PairStream.scan`
+(with the pairs above its floor) or :meth:`PairStream.hand_over_rows`."""
 
 DEFAULT_BLOCK_ELEMENTS = 1 << 26
 """Scores per block on an accelerator (kernel launches per chunk dominate small blocks)."""
@@ -674,7 +699,7 @@ class PairStream:
             and block.device.type == "cpu"
         ):  # whole rows, once each (the hook may overwrite the block: it is done with)
             self._hooked_pieces.add(start)
-            self.row_hook(start, end, block.clamp_(-1.0, 1.0) if fused else block)
+            self.row_hook(HookedRows(start, end, block, not fused, positions, values))
         return pairs
 
     def negatives_of(self, pairs: ChunkPairs, selected: Tensor) -> Tensor:
@@ -733,7 +758,7 @@ class PairStream:
         """Give the :attr:`row_hook` the whole rows of ``slab`` (from :meth:`slab_scores`)."""
         if self.row_hook is not None and slab.start not in self._hooked_slabs:
             self._hooked_slabs.add(slab.start)
-            self.row_hook(slab.start, slab.end, rows_block)
+            self.row_hook(HookedRows(slab.start, slab.end, rows_block))
 
     def positive_values(self) -> Iterator[Tensor]:
         """The positive closeness scores, one 1-D tensor per piece or slab (NaN marks a
