@@ -1,7 +1,8 @@
 """The report's R@1 and MAP@R: every query is ranked where the OPIS pass scores its whole
-row (a small class's chunk in the main pass, a large class's with its positive slab);
-rows it did not rank (the sync-free engine's: all) take a ranking pass of their own; the
-numbers equal a naive float64 ranking and pml's own."""
+row (a small class's chunk in the main pass, a large class's with its positive slab),
+from the pairs above the pass's floor alone when they number at least its R; rows it did
+not rank (the sync-free engine's: all) take a ranking pass of their own; the numbers
+equal a naive float64 ranking and pml's own."""
 
 from __future__ import annotations
 
