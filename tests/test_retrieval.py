@@ -299,6 +299,13 @@ def naive_rows(scores, labels, positives, ref_labels):
     return hits, total
 
 
+def recording_map(seen, function, items):
+    """``map``, appending the items handed to it to ``seen`` (the ranker's tasks)."""
+    items = list(items)
+    seen.extend(items)
+    return map(function, items)
+
+
 @pytest.mark.parametrize("group", [1, 3, 8, 1000])
 def test_row_ranker_ranks_rows_of_several_labels_in_one_task_as_alone(group, ranking_branch):
     from pml_tcm.functional.retrieval import RowRanker
@@ -314,11 +321,7 @@ def test_row_ranker_ranks_rows_of_several_labels_in_one_task_as_alone(group, ran
     expected = naive_rows(scores, labels, positives, ref_labels.tolist())
     ranker = RowRanker(ref_labels, int(positives.max()), group)
     tasks = []
-
-    def counting_map(function, items):
-        items = list(items)
-        tasks.extend(items)
-        return map(function, items)
+    counting_map = functools.partial(recording_map, tasks)
 
     sums = ranker.rank(scores.copy(), labels, positives, counting_map)
     assert sums.queries == int(np.count_nonzero(positives))
@@ -337,11 +340,7 @@ def test_pairs_of_labels_need_few_ranking_tasks():
     labels = np.arange(100).repeat(2)  # 100 labels of two rows: R = 1 each
     scores = np.random.default_rng(3).uniform(-1, 1, (200, 200)).astype(np.float32)
     tasks = []
-
-    def counting_map(function, items):
-        items = list(items)
-        tasks.extend(items)
-        return map(function, items)
+    counting_map = functools.partial(recording_map, tasks)
 
     ranker = RowRanker(labels, 1, 26)
     sums = ranker.rank(scores.copy(), labels, np.ones(200, dtype=np.int64), counting_map)

@@ -319,7 +319,7 @@ class RowRanker:
         if labels[0] == labels[-1]:  # rows sorted by label: one label
             return _rank(scores, self.ref_labels == labels[0], int(depths[0]), self.inverse_rank)
         relevant = self.ref_labels == labels[:, None]
-        return _rank_rows(scores, relevant, depths, self.inverse_rank)
+        return _rank(scores, relevant, depths, self.inverse_rank)
 
 
 class StreamRanking:
@@ -481,36 +481,27 @@ a row's minimum (1.3 µs a row)."""
 
 
 def _rank(
-    scores: np.ndarray, relevant: np.ndarray, r: int, inverse_rank: np.ndarray
+    scores: np.ndarray, relevant: np.ndarray, r: int | np.ndarray, inverse_rank: np.ndarray
 ) -> tuple[int, float]:
-    """Hits at 1 and the sum of AP@R (``R = r``) over the rows of ``scores`` (``(g, M)``,
-    overwritten), ``relevant`` an ``(M,)`` mask."""
+    """Hits at 1 and the sum of AP@R over the rows of ``scores`` (``(g, M)``, overwritten),
+    ``relevant`` an ``(M,)`` mask (one label) or ``(g, M)``; ``r``: every row's ``R``, or
+    each row's own ``(g,)`` (rows with ``R = 0`` count for nothing; all at most
+    :data:`TOPK_DEPTH`)."""
     keys = _rank_keys(scores)
     keys += relevant  # relevant: even, right after irrelevant keys of equal score
-    top = _smallest_keys(keys, r)
-    is_relevant = top & 1 == 0
-    found = np.cumsum(is_relevant, axis=1, dtype=np.int32)
-    found *= is_relevant  # k P(k) rel(k)
-    precision = float((found @ inverse_rank[:r]).sum()) / r
-    return int(np.count_nonzero(is_relevant[:, 0])), precision
-
-
-def _rank_rows(
-    scores: np.ndarray, relevant: np.ndarray, depths: np.ndarray, inverse_rank: np.ndarray
-) -> tuple[int, float]:
-    """:func:`_rank` of rows of several labels: ``relevant`` ``(g, M)``, each row's own
-    ``R`` in ``depths`` ``(g,)`` (rows with ``R = 0`` count for nothing), all at most
-    :data:`TOPK_DEPTH`."""
-    keys = _rank_keys(scores)
-    keys += relevant
-    depth = int(depths.max())
+    per_row = not isinstance(r, int)
+    depth = int(r.max()) if per_row else r
     top = _smallest_keys(keys, depth)
     is_relevant = top & 1 == 0
-    is_relevant &= np.arange(depth) < depths[:, None]  # a row's own R best only
+    if per_row:
+        is_relevant &= np.arange(depth) < r[:, None]  # a row's own R best only
     found = np.cumsum(is_relevant, axis=1, dtype=np.int32)
-    found *= is_relevant
-    counted = depths > 0
-    precision = float(((found[counted] @ inverse_rank[:depth]) / depths[counted]).sum())
+    found *= is_relevant  # k P(k) rel(k)
+    if per_row:
+        counted = r > 0
+        precision = float(((found[counted] @ inverse_rank[:depth]) / r[counted]).sum())
+    else:
+        precision = float((found @ inverse_rank[:r]).sum()) / r
     return int(np.count_nonzero(is_relevant[:, 0])), precision
 
 
@@ -540,7 +531,7 @@ def _rank_ragged(
     at = (np.repeat(np.arange(counted.size), sizes[counted]), np.arange(rows.size) - first[rows])
     padded[at] = scores
     padded_relevant[at] = relevant
-    return _rank_rows(padded, padded_relevant, depths[counted], inverse_rank)
+    return _rank(padded, padded_relevant, depths[counted], inverse_rank)
 
 
 def _smallest_keys(keys: np.ndarray, r: int) -> np.ndarray:
