@@ -187,9 +187,9 @@ def test_ragged_rows_rank_as_a_naive_sort(dtype, only_the_best):
     for i in range(sizes.size):
         dense[i, : sizes[i]] = scores[rows == i]
         dense_relevant[i, : sizes[i]] = relevant[rows == i]
-    inverse_rank = 1.0 / np.arange(1, depths.max() + 1)
+    harmonic = retrieval.harmonic_numbers(int(depths.max()))
     hits, precision = retrieval._rank_ragged(
-        scores.copy(), rows, relevant, depths, sizes.size, inverse_rank
+        scores.copy(), rows, relevant, depths, sizes.size, harmonic
     )
     expected = tie_aware_naive(dense, dense_relevant, depths)
     assert hits == expected[0]

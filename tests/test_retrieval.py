@@ -419,3 +419,41 @@ def test_sets_are_prepared_as_for_opis():
     assert retrieval_metrics(x.numpy(), y.numpy()) == expected
     assert retrieval_metrics(x.half(), y) == expected
     assert retrieval_metrics(x.float().requires_grad_(), y) == expected
+
+
+@pytest.mark.parametrize(
+    "irrelevant_ranks",
+    [[], [1], [40], [1, 2, 3], [40, 39], [1, 20, 21, 40], list(range(1, 41)), [2, 5, 9, 17, 33]],
+)
+def test_average_precision_from_where_the_irrelevant_rank(irrelevant_ranks, ranking_branch):
+    # R = 40 references of the query's label among 80; the irrelevant ones put at the given
+    # ranks (1-based) among the 40 best, the relevant ones they push out ranked below
+    from pml_tcm.functional.retrieval import RowRanker
+
+    r, size = 40, 80
+    ref_labels = np.array([0] * r + [1] * (size - r))
+    order = np.empty(size, dtype=np.int64)  # order[k]: the reference at rank k + 1
+    irrelevant = iter(range(r, size))
+    relevant = iter(range(r))
+    for k in range(size):
+        order[k] = next(irrelevant) if k + 1 in irrelevant_ranks else next(relevant, -1)
+        if order[k] == -1:
+            order[k] = next(irrelevant)
+    scores = np.empty((2, size), dtype=np.float32)
+    scores[0, order] = np.linspace(0.9, -0.9, size)
+    scores[1] = scores[0, ::-1]  # a second row: the reverse order
+    labels = np.zeros(2, dtype=np.int64)
+    positives = np.full(2, r)
+    expected = naive_rows(scores, labels, positives, ref_labels.tolist())
+
+    sums = RowRanker(ref_labels, r, 2).rank(scores.copy(), labels, positives)
+    assert sums.hits == expected[0]
+    assert sums.precision == pytest.approx(expected[1], rel=1e-12)
+    # each row with its own R (the way of rows of several labels), one of them shorter
+    from pml_tcm.functional.retrieval import _rank, harmonic_numbers
+
+    own = np.array([r, r - 10])
+    expected = naive_rows(scores, labels, own, ref_labels.tolist())
+    relevant = np.tile(ref_labels == 0, (2, 1))
+    hits, precision = _rank(scores.copy(), relevant, own, harmonic_numbers(r))
+    assert hits == expected[0] and precision == pytest.approx(expected[1], rel=1e-12)

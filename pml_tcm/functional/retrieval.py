@@ -260,7 +260,7 @@ class RowRanker:
         self.ref_labels = ref_labels
         self.depth = depth
         self.group = max(1, group)
-        self.inverse_rank = 1.0 / np.arange(1, depth + 1, dtype=np.float64)
+        self.harmonic = harmonic_numbers(depth)
 
     def rank(
         self,
@@ -317,9 +317,9 @@ class RowRanker:
     def _rank_task(self, task: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[int, float]:
         scores, labels, depths = task
         if labels[0] == labels[-1]:  # rows sorted by label: one label
-            return _rank(scores, self.ref_labels == labels[0], int(depths[0]), self.inverse_rank)
+            return _rank(scores, self.ref_labels == labels[0], int(depths[0]), self.harmonic)
         relevant = self.ref_labels == labels[:, None]
-        return _rank(scores, relevant, depths, self.inverse_rank)
+        return _rank(scores, relevant, depths, self.harmonic)
 
 
 class StreamRanking:
@@ -410,7 +410,7 @@ class StreamRanking:
                     relevant[low:high],
                     depths[first : int(row[high - 1]) + 1],
                     int(row[high - 1]) + 1 - first,
-                    self.ranker.inverse_rank,
+                    self.ranker.harmonic,
                 )
 
             for hits, precision in host.map_on_threads(rank_part, range(parts)):
@@ -481,28 +481,63 @@ a row's minimum (1.3 µs a row)."""
 
 
 def _rank(
-    scores: np.ndarray, relevant: np.ndarray, r: int | np.ndarray, inverse_rank: np.ndarray
+    scores: np.ndarray, relevant: np.ndarray, r: int | np.ndarray, harmonic: np.ndarray
 ) -> tuple[int, float]:
     """Hits at 1 and the sum of AP@R over the rows of ``scores`` (``(g, M)``, overwritten),
     ``relevant`` an ``(M,)`` mask (one label) or ``(g, M)``; ``r``: every row's ``R``, or
-    each row's own ``(g,)`` (rows with ``R = 0`` count for nothing; all at most
-    :data:`TOPK_DEPTH`)."""
+    each row's own ``(g,)`` (rows with ``R = 0`` count for nothing; all at most the depth
+    of ``harmonic``, :func:`harmonic_numbers`)."""
     keys = _rank_keys(scores)
     keys += relevant  # relevant: even, right after irrelevant keys of equal score
     per_row = not isinstance(r, int)
     depth = int(r.max()) if per_row else r
     top = _smallest_keys(keys, depth)
-    is_relevant = top & 1 == 0
+    hits = top[:, 0] & 1 == 0
     if per_row:
-        is_relevant &= np.arange(depth) < r[:, None]  # a row's own R best only
-    found = np.cumsum(is_relevant, axis=1, dtype=np.int32)
-    found *= is_relevant  # k P(k) rel(k)
+        hits &= r > 0
+    irrelevant = (top & 1).astype(bool)  # (a bool mask: nonzero over ints costs 3x)
+    rows, columns = np.divmod(np.flatnonzero(irrelevant), depth)
+    if per_row:
+        own = columns < r[rows]  # a row's own R best only
+        rows, columns = rows[own], columns[own]
+    missing = _missing_precision(rows, columns, r, top.shape[0], harmonic)
     if per_row:
         counted = r > 0
-        precision = float(((found[counted] @ inverse_rank[:depth]) / r[counted]).sum())
+        misses = np.bincount(rows, minlength=top.shape[0])
+        precision = float((1.0 - (misses[counted] + missing[counted]) / r[counted]).sum())
     else:
-        precision = float((found @ inverse_rank[:r]).sum()) / r
-    return int(np.count_nonzero(is_relevant[:, 0])), precision
+        precision = top.shape[0] - (rows.size + float(missing.sum())) / r
+    return int(np.count_nonzero(hits)), precision
+
+
+def harmonic_numbers(depth: int) -> np.ndarray:
+    """``(depth + 1,)`` float64: ``H[k] = 1 + 1/2 + ... + 1/k`` (``H[0] = 0``)."""
+    out = np.zeros(depth + 1)
+    np.cumsum(1.0 / np.arange(1, depth + 1, dtype=np.float64), out=out[1:])
+    return out
+
+
+def _missing_precision(
+    rows: np.ndarray, columns: np.ndarray, r: int | np.ndarray, count: int, harmonic: np.ndarray
+) -> np.ndarray:
+    """``(count,)`` per row, ``Σ_k rel(k) (1 - P(k))`` over its ``R`` best, from where its
+    irrelevant ones rank: ``rows``/``columns`` (row-major) their 0-based places. A relevant
+    reference at rank ``k`` after ``t`` irrelevant ones has ``P(k) = (k - t) / k``, so a
+    run of them between the ``t``-th and the next irrelevant one, at ranks ``a..b``, misses
+    ``t (H[b] - H[a - 1])``; ``AP@R = 1 - (m + Σ that) / R`` with ``m`` the irrelevant
+    ones among the ``R`` best."""
+    if rows.size == 0:
+        return np.zeros(count)
+    ranks = columns + 1
+    per_row = np.bincount(rows, minlength=count)
+    first = np.cumsum(per_row) - per_row
+    t = np.arange(1, rows.size + 1) - first[rows]  # the t-th irrelevant of its row
+    run_end = np.empty_like(ranks)  # rank of the run's last relevant reference
+    run_end[:-1] = ranks[1:] - 1
+    last = first[per_row > 0] + per_row[per_row > 0] - 1
+    run_end[last] = r[rows[last]] if not isinstance(r, int) else r
+    missing = t * (harmonic[run_end] - harmonic[ranks])
+    return np.bincount(rows, weights=missing, minlength=count)
 
 
 def _rank_ragged(
@@ -511,7 +546,7 @@ def _rank_ragged(
     relevant: np.ndarray,
     depths: np.ndarray,
     count: int,
-    inverse_rank: np.ndarray,
+    harmonic: np.ndarray,
 ) -> tuple[int, float]:
     """:func:`_rank` of ragged rows: ``scores`` ``(K,)`` (may be overwritten) of rows
     ``rows`` (``(K,)`` int64 in ``[0, count)``, ascending), ``relevant`` ``(K,)``; row
@@ -531,7 +566,7 @@ def _rank_ragged(
     at = (np.repeat(np.arange(counted.size), sizes[counted]), np.arange(rows.size) - first[rows])
     padded[at] = scores
     padded_relevant[at] = relevant
-    return _rank(padded, padded_relevant, depths[counted], inverse_rank)
+    return _rank(padded, padded_relevant, depths[counted], harmonic)
 
 
 def _smallest_keys(keys: np.ndarray, r: int) -> np.ndarray:
