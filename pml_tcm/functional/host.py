@@ -129,7 +129,7 @@ def row_counts_at_or_above(block: Tensor, floor: float) -> Tensor:
 def _tile_buckets(
     tile: np.ndarray, edges: np.ndarray, step: np.floating, offset: np.floating, out: np.ndarray
 ) -> np.ndarray:
-    """Into ``out`` (int64, ``tile``'s shape): the estimate ``⌊v · step + offset⌋``
+    """Into ``out`` (int32 or int64, ``tile``'s shape): the estimate ``⌊v · step + offset⌋``
     clamped to ``[0, G]``, moved up by one where ``v`` reaches ``edges`` (the next edges,
     ``(G + 1,)``) at it. Scratch arrays of this thread hold the float temporaries."""
     size = edges.shape[0] - 1
@@ -139,8 +139,14 @@ def _tile_buckets(
     estimate += offset
     np.clip(estimate, 0, size, out=estimate)
     np.copyto(out, estimate, casting="unsafe")  # truncates: the estimates are >= 0
-    # the next edge of each estimate ("wrap" skips the bounds check: all in [0, size])
-    np.take(edges, out, out=estimate, mode="wrap")
+    # the next edge of each estimate (torch's gather takes int32 places as they are, where
+    # NumPy's take converts them to int64 first; all are in [0, size])
+    torch.index_select(
+        torch.from_numpy(edges),
+        0,
+        torch.from_numpy(out.reshape(-1)),
+        out=torch.from_numpy(estimate.reshape(-1)),
+    )
     np.greater_equal(tile, estimate, out=above)
     out += above
     return out
@@ -189,7 +195,7 @@ def bucket_histogram(values: Tensor, next_edges: Tensor, scale: float, shift: Te
     def count(corner: tuple[int, int]) -> Tensor:
         row, column = corner
         tile = data[row : row + row_step, column : column + column_step]
-        out = _scratch("buckets", tile.size, np.int64).reshape(tile.shape)
+        out = _scratch("buckets", tile.size, np.int32).reshape(tile.shape)
         _tile_buckets(tile, edges, step, offset, out)
         return torch.bincount(torch.from_numpy(out.reshape(-1)), minlength=size + 1)
 
