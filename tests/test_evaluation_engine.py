@@ -184,3 +184,66 @@ def test_report_streams_its_rows_without_a_sorted_copy():
     perm = torch.randperm(50)
     expected = rows[perm].clone()
     assert torch.equal(permute_rows_(rows, perm), expected)
+
+
+def naive_curves_metrics(positive, negative, totals, grid, beta, epsilon):
+    """OPIS, ε-OPIS and the classes' mean utilities, class by class and point by point in
+    float64 (trapezoid by hand; classes without a positive left out)."""
+    grid = [float(g) for g in grid]
+    width = grid[-1] - grid[0]
+
+    def utility(tp, fp, p):
+        denominator = (1 + beta**2) * tp + beta**2 * (p - tp) + fp
+        return (1 + beta**2) * tp / denominator if denominator > 0 else 0.0
+
+    def mean(values):
+        area = sum((b - a) * (u + v) / 2 for a, b, u, v in zip(grid, grid[1:], values, values[1:]))
+        return area / width
+
+    def curve(pos, neg, p):
+        return [utility(sum(pos[i:]), sum(neg[i:]), p) for i in range(len(grid))]
+
+    pooled = curve(positive.sum(0).tolist(), negative.sum(0).tolist(), int(totals.sum()))
+    included = [c for c in range(len(totals)) if totals[c] > 0]
+    curves = {c: curve(positive[c].tolist(), negative[c].tolist(), int(totals[c])) for c in included}
+    means = {c: mean(curves[c]) for c in included}
+    opis_value = sum(mean([(u - v) ** 2 for u, v in zip(curves[c], pooled)]) for c in included)
+    opis_value /= len(included)
+    order = sorted(included, key=lambda c: means[c])
+    worst = max(1, math.ceil(epsilon * len(included)))
+    worst_mean = [sum(curves[c][i] for c in order[:worst]) / worst for i in range(len(grid))]
+    rest = order[worst:]
+    rest_mean = [sum(curves[c][i] for c in rest) / len(rest) for i in range(len(grid))]
+    eps_value = mean([(u - v) ** 2 for u, v in zip(worst_mean, rest_mean)])
+    return opis_value, eps_value, means
+
+
+@pytest.mark.parametrize("block_classes", [1, 3, 1000])
+@pytest.mark.parametrize("beta", [0.3, 1.0, 2.0])
+def test_curves_metrics_equal_a_naive_computation(monkeypatch, block_classes, beta):
+    # classes without a positive (some with negatives), one without any pair, blocks of
+    # classes: OPIS, ε-OPIS and the mean utilities against the class-by-class reference
+    from pml_tcm.functional.opis import opis_compute, threshold_grid
+
+    opis_module = sys.modules["pml_tcm.functional.opis"]
+    grid_size, num_classes = 12, 23
+    gen = torch.Generator().manual_seed(5)
+    positive = torch.randint(0, 4, (num_classes, grid_size), generator=gen)
+    negative = torch.randint(0, 6, (num_classes, grid_size), generator=gen)
+    positive[[2, 7, 19]] = 0  # excluded classes (7: no pair at all)
+    negative[7] = 0
+    below = torch.randint(0, 3, (num_classes,), generator=gen)  # positives under the grid
+    totals = positive.sum(1) + below * (positive.sum(1) > 0)
+    state = OPISState(positive, negative, totals, negative.sum(1))
+    grid = threshold_grid(0.1, 0.7, grid_size)
+    monkeypatch.setattr(opis_module, "CLASS_BLOCK_ELEMENTS", grid_size * block_classes)
+
+    result = opis_compute(state, torch.arange(num_classes), grid, beta=beta, epsilon=0.2)
+    expected_opis, expected_eps, means = naive_curves_metrics(
+        positive, negative, totals, grid, beta, 0.2
+    )
+    assert result.opis == pytest.approx(expected_opis, rel=1e-12)
+    assert result.eps_opis == pytest.approx(expected_eps, rel=1e-12)
+    for c, value in means.items():
+        assert float(result.mean_class_utility[c]) == pytest.approx(value, rel=1e-12, abs=1e-15)
+    assert bool(result.excluded[[2, 7, 19]].all()) and int(result.excluded.sum()) == 3

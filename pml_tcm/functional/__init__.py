@@ -2,7 +2,8 @@
 
 One concept per module: ``tcm`` (the TCM term and its hard pairs), ``pairs`` (pair and
 self-pair conventions), ``labels`` (dense class ids), ``normalize`` (unit rows),
-``validation`` (input checks), ``opis`` (the OPIS metric), ``streaming`` (pairs of query
+``validation`` (input checks), ``opis`` (the OPIS metric), ``utility`` (F-β curves over
+the grid and their means), ``streaming`` (pairs of query
 chunks), ``counting`` (grid histograms), ``far_search`` (exact FAR thresholds),
 ``collectives`` (``torch.distributed``), ``calibration`` (one threshold for a target FAR
 or FRR), ``retrieval`` (precision@1 and MAP@R in bounded memory).

@@ -25,15 +25,13 @@ import torch
 from torch import Tensor
 
 from .far_search import ceil_fraction_of
+from .utility import CLASS_BLOCK_ELEMENTS, at_or_above, class_curves, f_beta, mean_weights
 
 if TYPE_CHECKING:
     from .opis import OPISState
 
 REPLICATE_ELEMENTS = 1 << 22
 """Weights (replicates × units, or × queries) held at a time."""
-
-CLASS_BLOCK_ELEMENTS = 1 << 22
-"""Curve values (float64) computed at a time."""
 
 DRAW_ELEMENTS = 1 << 20
 """Query draws (replicates × queries) of :func:`rate_replicates` made at a time (each
@@ -73,33 +71,6 @@ def _draw_counts(num: int, replicates: int, generator: torch.Generator) -> Tenso
     )
 
 
-def _mean_weights(closeness_grid: Tensor) -> Tensor:
-    """``(G,)`` float64 ``τ`` with ``grid_mean(x) = x @ τ`` (trapezoid weights over the
-    range, or ``1/G`` for a zero-width range)."""
-    grid = closeness_grid.to(torch.float64).cpu()
-    width = float(grid[-1] - grid[0])
-    if width <= 0:
-        return torch.full_like(grid, 1.0 / grid.shape[0])
-    step = torch.diff(grid) / 2
-    weights = torch.zeros_like(grid)
-    weights[:-1] += step
-    weights[1:] += step
-    return weights / width
-
-
-def _f_beta(tp: Tensor, fp: Tensor, positives: Tensor, beta: float) -> Tensor:
-    """F-β of float64 counts, 0 where the denominator is 0 (as ``opis.f_beta``)."""
-    weight = 1.0 + beta * beta
-    denominator = weight * tp + beta * beta * (positives - tp) + fp
-    safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-    return torch.where(denominator > 0, weight * tp / safe, torch.zeros_like(denominator))
-
-
-def _cumulative(histogram: Tensor) -> Tensor:
-    """Reversed cumulative sums along the grid, float64 on the CPU."""
-    return histogram.cpu().to(torch.int64).flip(-1).cumsum(-1).flip(-1).to(torch.float64)
-
-
 def opis_replicates(
     state: OPISState,
     closeness_grid: Tensor,
@@ -125,16 +96,19 @@ def opis_replicates(
         on units without positives has OPIS 0, as the point estimate would.
     """
     num_units, grid_size = state.positive_histogram.shape
-    tau = _mean_weights(closeness_grid)
+    tau = mean_weights(closeness_grid)
     positives = state.positives.cpu().to(torch.float64)
     included = positives > 0
     class_block = max(1, CLASS_BLOCK_ELEMENTS // max(1, grid_size))
     blocks = [(a, min(num_units, a + class_block)) for a in range(0, num_units, class_block)]
 
     def curves(first: int, last: int) -> Tensor:
-        tp = _cumulative(state.positive_histogram[first:last])
-        fp = _cumulative(state.negative_histogram[first:last])
-        return _f_beta(tp, fp, positives[first:last, None], beta)
+        return class_curves(
+            state.positive_histogram[first:last],
+            state.negative_histogram[first:last],
+            positives[first:last],
+            beta,
+        )
 
     mean_utility = torch.zeros(num_units, dtype=torch.float64)
     mean_square = torch.zeros(num_units, dtype=torch.float64)
@@ -156,9 +130,9 @@ def opis_replicates(
         pooled_fp = torch.zeros(count, grid_size, dtype=torch.float64)
         for first, last in blocks:
             w = weights[:, first:last]
-            pooled_tp += w @ _cumulative(state.positive_histogram[first:last])
-            pooled_fp += w @ _cumulative(state.negative_histogram[first:last])
-        pooled = _f_beta(pooled_tp, pooled_fp, (weights @ positives).unsqueeze(1), beta)
+            pooled_tp += w @ at_or_above(state.positive_histogram[first:last]).to(torch.float64)
+            pooled_fp += w @ at_or_above(state.negative_histogram[first:last]).to(torch.float64)
+        pooled = f_beta(pooled_tp, pooled_fp, (weights @ positives).unsqueeze(1), beta)
         inside_weights = weights * included
         drawn = inside_weights.sum(1)  # included units drawn (with multiplicity)
         # ε-OPIS: the worst ⌈ε n⌉ draws along the point estimate's order

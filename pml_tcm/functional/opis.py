@@ -1,8 +1,9 @@
 """OPIS and ε-OPIS (threshold consistency of a metric-learning embedding): the metric.
 
 Owns the additive counts (:class:`OPISState`, :func:`opis_update`), the metric computed
-from them (:func:`opis_compute`, :class:`OPISResult`, :func:`f_beta`, :func:`grid_mean`,
-:func:`threshold_grid`) and the entry point :func:`opis`. The definitions (pairs, F-β
+from them (:func:`opis_compute`, :class:`OPISResult`, :func:`threshold_grid`; the curves'
+math, :func:`f_beta` and :func:`grid_mean`, lives in :mod:`pml_tcm.functional.utility`)
+and the entry point :func:`opis`. The definitions (pairs, F-β
 utility, FAR-defined calibration range, grid average, OPIS, ε-OPIS, classes without a
 positive pair) are those of the documentation's concepts page (section "OPIS and
 ε-OPIS"). The pairs are streamed by :mod:`pml_tcm.functional.streaming`, counted by
@@ -41,6 +42,13 @@ from .far_search import (
 from .prepare import PreparedSets, prepare_sets
 from .retrieval import RankSums, StreamRanking
 from .streaming import ChunkPairs, PairStream, ScoreFn, cosine_similarity_scores
+from .utility import (
+    CLASS_BLOCK_ELEMENTS,
+    at_or_above,
+    class_curves,
+    f_beta,
+    mean_weights,
+)
 
 
 @dataclass
@@ -196,42 +204,12 @@ class OPISResult:
     def class_utility(self) -> Tensor:
         if self._class_utility is None:
             assert self.state is not None
-            curves = _class_curves(self.state, 0, self.state.positives.shape[0], self.beta)
+            state = self.state
+            curves = class_curves(
+                state.positive_histogram, state.negative_histogram, state.positives, self.beta
+            )
             self._class_utility = curves if self.higher_is_closer else curves.flip(-1)
         return self._class_utility
-
-
-def f_beta(true_positives: Tensor, false_positives: Tensor, positives: Tensor, beta: float):
-    """F-β from counts, 0 where the denominator is 0. Broadcasts; returns float64."""
-    tp = true_positives.to(torch.float64)
-    fp = false_positives.to(torch.float64)
-    fn = positives.to(torch.float64) - tp
-    weight = 1.0 + beta * beta
-    denominator = weight * tp + beta * beta * fn + fp
-    utility = weight * tp / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-    return torch.where(denominator > 0, utility, torch.zeros_like(utility))
-
-
-def grid_mean(curves: Tensor, closeness_grid: Tensor) -> Tensor:
-    """``⟨g⟩`` along the last dimension: trapezoid integral / range, or the plain mean."""
-    width = float(closeness_grid[-1] - closeness_grid[0])
-    if width <= 0:
-        return curves.mean(dim=-1)
-    return torch.trapezoid(curves, closeness_grid, dim=-1) / width
-
-
-CLASS_BLOCK_ELEMENTS = 1 << 22
-"""Curve values (float64) computed at a time by :func:`opis_compute`."""
-
-
-def _class_curves(state: OPISState, first: int, last: int, beta: float) -> Tensor:
-    """``(last - first, G)`` float64 utility curves of classes ``[first, last)``."""
-    positive = state.positive_histogram[first:last].cpu().to(torch.int64)
-    negative = state.negative_histogram[first:last].cpu().to(torch.int64)
-    true_positives = positive.flip(-1).cumsum(-1).flip(-1)
-    false_positives = negative.flip(-1).cumsum(-1).flip(-1)
-    totals = state.positives[first:last].cpu().unsqueeze(1)
-    return f_beta(true_positives, false_positives, totals, beta)
 
 
 def opis_compute(
@@ -261,24 +239,34 @@ def opis_compute(
         The :class:`OPISResult`.
     """
     grid = closeness_grid.to(torch.float64).cpu()
+    tau = mean_weights(grid)
     num_classes, grid_size = state.positive_histogram.shape
     positives = state.positives.cpu()
-    pooled_tp = torch.zeros(grid_size, dtype=torch.int64)
-    pooled_fp = torch.zeros(grid_size, dtype=torch.int64)
     block = max(1, CLASS_BLOCK_ELEMENTS // max(1, grid_size))
     blocks = [(first, min(num_classes, first + block)) for first in range(0, num_classes, block)]
+
+    def curves_of(rows: slice | Tensor) -> Tensor:
+        return class_curves(
+            state.positive_histogram[rows], state.negative_histogram[rows], positives[rows], beta
+        )
+
+    pooled_tp = torch.zeros(grid_size, dtype=torch.int64)
+    pooled_fp = torch.zeros(grid_size, dtype=torch.int64)
     for first, last in blocks:
         pooled_tp += state.positive_histogram[first:last].cpu().to(torch.int64).sum(0)
         pooled_fp += state.negative_histogram[first:last].cpu().to(torch.int64).sum(0)
-    pooled_tp, pooled_fp = pooled_tp.flip(0).cumsum(0).flip(0), pooled_fp.flip(0).cumsum(0).flip(0)
-    pooled_utility = f_beta(pooled_tp, pooled_fp, positives.sum(), beta)
+    pooled_utility = f_beta(at_or_above(pooled_tp), at_or_above(pooled_fp), positives.sum(), beta)
     excluded = positives == 0
     mean_class_utility = torch.zeros(num_classes, dtype=torch.float64)
     spread = torch.zeros(num_classes, dtype=torch.float64)
+    included_sum = torch.zeros(grid_size, dtype=torch.float64)  # Σ of the included curves
+    included_weight = (~excluded).to(torch.float64)
     for first, last in blocks:
-        curves = _class_curves(state, first, last, beta)
-        mean_class_utility[first:last] = grid_mean(curves, grid)
-        spread[first:last] = grid_mean((curves - pooled_utility).square(), grid)
+        curves = curves_of(slice(first, last))
+        mean_class_utility[first:last] = curves @ tau
+        included_sum += included_weight[first:last] @ curves
+        curves -= pooled_utility
+        spread[first:last] = curves.square_() @ tau
     included = (~excluded).nonzero().squeeze(1)
 
     opis_value = 0.0
@@ -289,18 +277,14 @@ def opis_compute(
         order = torch.sort(mean_class_utility[included], stable=True).indices
         worst = max(1, ceil_fraction_of(epsilon, num_included))
         if worst < num_included:
-            is_worst = torch.zeros(num_classes, dtype=torch.bool)
-            is_worst[included[order[:worst]]] = True
+            # only the worst classes' curves again: the rest's sum is the included sum less theirs
+            worst_rows = included[order[:worst]].sort().values
             worst_sum = torch.zeros(grid_size, dtype=torch.float64)
-            rest_sum = torch.zeros(grid_size, dtype=torch.float64)
-            for first, last in blocks:
-                curves = _class_curves(state, first, last, beta)
-                in_worst = is_worst[first:last]
-                in_rest = ~in_worst & ~excluded[first:last]
-                worst_sum += curves[in_worst].sum(0)
-                rest_sum += curves[in_rest].sum(0)
+            for first in range(0, worst, block):
+                worst_sum += curves_of(worst_rows[first : first + block]).sum(0)
+            rest_sum = included_sum - worst_sum
             gap = worst_sum / worst - rest_sum / (num_included - worst)
-            eps_opis_value = float(grid_mean(gap.square(), grid))
+            eps_opis_value = float(gap.square() @ tau)
 
     lo, hi = float(grid[0]), float(grid[-1])
     if higher_is_closer:

@@ -20,7 +20,7 @@ from typing import Any
 from .._rate_text import FRACTION, fraction_range, level_text, rate_lines
 from .._rate_text import fraction_and_percent as rate
 from ..functional.far_search import ceil_fraction_of
-from ..functional.opis import grid_mean
+from ..functional.utility import grid_mean
 from ..provenance import Provenance
 from .compute import EmbeddingReport, GroupRow
 from .inputs import InputFile
