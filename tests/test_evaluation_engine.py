@@ -205,7 +205,9 @@ def naive_curves_metrics(positive, negative, totals, grid, beta, epsilon):
 
     pooled = curve(positive.sum(0).tolist(), negative.sum(0).tolist(), int(totals.sum()))
     included = [c for c in range(len(totals)) if totals[c] > 0]
-    curves = {c: curve(positive[c].tolist(), negative[c].tolist(), int(totals[c])) for c in included}
+    curves = {
+        c: curve(positive[c].tolist(), negative[c].tolist(), int(totals[c])) for c in included
+    }
     means = {c: mean(curves[c]) for c in included}
     opis_value = sum(mean([(u - v) ** 2 for u, v in zip(curves[c], pooled)]) for c in included)
     opis_value /= len(included)
@@ -247,3 +249,14 @@ def test_curves_metrics_equal_a_naive_computation(monkeypatch, block_classes, be
     for c, value in means.items():
         assert float(result.mean_class_utility[c]) == pytest.approx(value, rel=1e-12, abs=1e-15)
     assert bool(result.excluded[[2, 7, 19]].all()) and int(result.excluded.sum()) == 3
+
+
+def test_curve_functions_stay_importable_from_the_opis_module():
+    from pml_tcm.functional import utility
+
+    opis_module = sys.modules["pml_tcm.functional.opis"]  # (the package exports the function)
+
+    assert opis_module.f_beta is utility.f_beta and opis_module.grid_mean is utility.grid_mean
+    # F-β's zero denominator (no pair, no positive) is 0, not NaN
+    zero = torch.zeros(3, dtype=torch.int64)
+    assert torch.equal(utility.f_beta(zero, zero, zero, 1.0), torch.zeros(3, dtype=torch.float64))

@@ -47,6 +47,7 @@ from .utility import (
     at_or_above,
     class_curves,
     f_beta,
+    grid_mean,  # noqa: F401 (documented here before: still importable from this module)
     mean_weights,
 )
 
