@@ -16,7 +16,9 @@ CLASS_BLOCK_ELEMENTS = 1 << 22
 """Curve values (float64) computed at a time (curves of many classes go in blocks)."""
 
 
-def f_beta(true_positives: Tensor, false_positives: Tensor, positives: Tensor, beta: float):
+def f_beta(
+    true_positives: Tensor, false_positives: Tensor, positives: Tensor, beta: float
+) -> Tensor:
     """F-β from counts, 0 where the denominator is 0. Broadcasts; returns float64.
 
     ``(1 + β²) tp / ((1 + β²) tp + β² fn + fp)`` with ``fn = positives - tp``, computed
