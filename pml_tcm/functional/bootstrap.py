@@ -102,18 +102,10 @@ def opis_replicates(
     class_block = max(1, CLASS_BLOCK_ELEMENTS // max(1, grid_size))
     blocks = [(a, min(num_units, a + class_block)) for a in range(0, num_units, class_block)]
 
-    def curves(first: int, last: int) -> Tensor:
-        return class_curves(
-            state.positive_histogram[first:last],
-            state.negative_histogram[first:last],
-            positives[first:last],
-            beta,
-        )
-
     mean_utility = torch.zeros(num_units, dtype=torch.float64)
     mean_square = torch.zeros(num_units, dtype=torch.float64)
     for first, last in blocks:
-        block = curves(first, last)
+        block = class_curves(state, slice(first, last), beta)
         mean_utility[first:last] = block @ tau
         mean_square[first:last] = block.square() @ tau
     inside = included.nonzero().squeeze(1)
@@ -147,7 +139,7 @@ def opis_replicates(
         weighted = torch.zeros(count, grid_size, dtype=torch.float64)
         worst_sum = torch.zeros(count, grid_size, dtype=torch.float64)
         for first, last in blocks:
-            block = curves(first, last)
+            block = class_curves(state, slice(first, last), beta)
             weighted += inside_weights[:, first:last] @ block
             worst_sum += in_worst[:, first:last] @ block
         # Σ w ⟨(U_c - P)²⟩ = Σ w ⟨U_c²⟩ - 2 ⟨P · Σ w U_c⟩ + n ⟨P²⟩

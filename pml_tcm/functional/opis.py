@@ -205,10 +205,7 @@ class OPISResult:
     def class_utility(self) -> Tensor:
         if self._class_utility is None:
             assert self.state is not None
-            state = self.state
-            curves = class_curves(
-                state.positive_histogram, state.negative_histogram, state.positives, self.beta
-            )
+            curves = class_curves(self.state, slice(None), self.beta)
             self._class_utility = curves if self.higher_is_closer else curves.flip(-1)
         return self._class_utility
 
@@ -246,11 +243,6 @@ def opis_compute(
     block = max(1, CLASS_BLOCK_ELEMENTS // max(1, grid_size))
     blocks = [(first, min(num_classes, first + block)) for first in range(0, num_classes, block)]
 
-    def curves_of(rows: slice | Tensor) -> Tensor:
-        return class_curves(
-            state.positive_histogram[rows], state.negative_histogram[rows], positives[rows], beta
-        )
-
     pooled_tp = torch.zeros(grid_size, dtype=torch.int64)
     pooled_fp = torch.zeros(grid_size, dtype=torch.int64)
     for first, last in blocks:
@@ -263,7 +255,7 @@ def opis_compute(
     included_sum = torch.zeros(grid_size, dtype=torch.float64)  # Σ of the included curves
     included_weight = (~excluded).to(torch.float64)
     for first, last in blocks:
-        curves = curves_of(slice(first, last))
+        curves = class_curves(state, slice(first, last), beta)
         mean_class_utility[first:last] = curves @ tau
         included_sum += included_weight[first:last] @ curves
         curves -= pooled_utility
@@ -282,7 +274,7 @@ def opis_compute(
             worst_rows = included[order[:worst]].sort().values
             worst_sum = torch.zeros(grid_size, dtype=torch.float64)
             for first in range(0, worst, block):
-                worst_sum += curves_of(worst_rows[first : first + block]).sum(0)
+                worst_sum += class_curves(state, worst_rows[first : first + block], beta).sum(0)
             rest_sum = included_sum - worst_sum
             gap = worst_sum / worst - rest_sum / (num_included - worst)
             eps_opis_value = float(gap.square() @ tau)

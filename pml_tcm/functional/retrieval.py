@@ -500,10 +500,10 @@ def _rank(
     if per_row:
         own = columns < r[rows]  # a row's own R best only
         rows, columns = rows[own], columns[own]
-    missing = _missing_precision(rows, columns, r, top.shape[0], harmonic)
+    misses = np.bincount(rows, minlength=top.shape[0])  # irrelevant among a row's R best
+    missing = _missing_precision(rows, columns, misses, r, harmonic)
     if per_row:
         counted = r > 0
-        misses = np.bincount(rows, minlength=top.shape[0])
         precision = float((1.0 - (misses[counted] + missing[counted]) / r[counted]).sum())
     else:
         precision = top.shape[0] - (rows.size + float(missing.sum())) / r
@@ -518,26 +518,30 @@ def harmonic_numbers(depth: int) -> np.ndarray:
 
 
 def _missing_precision(
-    rows: np.ndarray, columns: np.ndarray, r: int | np.ndarray, count: int, harmonic: np.ndarray
+    rows: np.ndarray,
+    columns: np.ndarray,
+    misses: np.ndarray,
+    r: int | np.ndarray,
+    harmonic: np.ndarray,
 ) -> np.ndarray:
-    """``(count,)`` per row, ``Σ_k rel(k) (1 - P(k))`` over its ``R`` best, from where its
-    irrelevant ones rank: ``rows``/``columns`` (row-major) their 0-based places. A relevant
+    """``(g,)`` per row, ``Σ_k rel(k) (1 - P(k))`` over its ``R`` best, from where its
+    irrelevant ones rank: ``rows``/``columns`` (row-major) their 0-based places, ``misses``
+    ``(g,)`` how many each row has. A relevant
     reference at rank ``k`` after ``t`` irrelevant ones has ``P(k) = (k - t) / k``, so a
     run of them between the ``t``-th and the next irrelevant one, at ranks ``a..b``, misses
     ``t (H[b] - H[a - 1])``; ``AP@R = 1 - (m + Σ that) / R`` with ``m`` the irrelevant
     ones among the ``R`` best."""
     if rows.size == 0:
-        return np.zeros(count)
+        return np.zeros(misses.shape[0])
     ranks = columns + 1
-    per_row = np.bincount(rows, minlength=count)
-    first = np.cumsum(per_row) - per_row
+    first = np.cumsum(misses) - misses
     t = np.arange(1, rows.size + 1) - first[rows]  # the t-th irrelevant of its row
     run_end = np.empty_like(ranks)  # rank of the run's last relevant reference
     run_end[:-1] = ranks[1:] - 1
-    last = first[per_row > 0] + per_row[per_row > 0] - 1
+    last = first[misses > 0] + misses[misses > 0] - 1
     run_end[last] = r[rows[last]] if not isinstance(r, int) else r
     missing = t * (harmonic[run_end] - harmonic[ranks])
-    return np.bincount(rows, weights=missing, minlength=count)
+    return np.bincount(rows, weights=missing, minlength=misses.shape[0])
 
 
 def _rank_ragged(

@@ -9,8 +9,13 @@ a zero-width range), taken as one product with :func:`mean_weights`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .opis import OPISState
 
 CLASS_BLOCK_ELEMENTS = 1 << 22
 """Curve values (float64) computed at a time (curves of many classes go in blocks)."""
@@ -60,14 +65,12 @@ def grid_mean(curves: Tensor, closeness_grid: Tensor) -> Tensor:
     return curves.to(torch.float64) @ mean_weights(closeness_grid)
 
 
-def class_curves(
-    positive_histogram: Tensor, negative_histogram: Tensor, positives: Tensor, beta: float
-) -> Tensor:
-    """``(C, G)`` float64 utility curves of ``C`` classes from their ``(C, G)`` positive
-    and negative histograms and ``(C,)`` positive totals."""
+def class_curves(state: OPISState, rows: slice | Tensor, beta: float) -> Tensor:
+    """``(C, G)`` float64 utility curves of the state's classes ``rows`` (a slice, or
+    ``(C,)`` int64 indices), from their histograms and positive totals."""
     return f_beta(
-        at_or_above(positive_histogram),
-        at_or_above(negative_histogram),
-        positives.cpu().unsqueeze(1),
+        at_or_above(state.positive_histogram[rows]),
+        at_or_above(state.negative_histogram[rows]),
+        state.positives[rows].cpu().unsqueeze(1),
         beta,
     )
