@@ -529,3 +529,55 @@ def test_multiset_difference_takes_out_one_copy_per_removed_score():
     assert Counter(got.tolist()) == expected
     assert torch.equal(got, got.sort().values)
     assert torch.equal(_without(values, values[:0]), values.sort().values)
+
+
+def test_the_guide_scores_only_its_sample(monkeypatch):
+    # the guide's histogram needs about GUIDE_BUDGET negatives: it scores the sampled rows
+    # against that many references only (it scored those rows against every reference,
+    # N² / 16 scores), every sampled value is a negative pair's score, the positive and
+    # self pairs are NaN, and the search stays exact
+    from pml_tcm.functional import far_search
+
+    budget = 1 << 12
+    monkeypatch.setattr(far_search, "GUIDE_BUDGET", budget)
+    scored, samples = [], []
+    original_sample = PairStream.negative_sample
+
+    def counted_products(queries, references, out=None, clamp=True):
+        scored.append(queries.shape[0] * references.shape[0])
+        return position_free_products(queries, references, out=out, clamp=clamp)
+
+    def sample(self, rows, *args, **kwargs):
+        scored.clear()
+        values = original_sample(self, rows, *args, **kwargs)
+        samples.append((rows, values, sum(scored)))
+        return values
+
+    monkeypatch.setattr(PairStream, "negative_sample", sample)
+    gen = torch.Generator().manual_seed(7)
+    queries = torch.randn(2048, 16, generator=gen)
+    labels = torch.randint(0, 3, (2048,), generator=gen)
+    with mock.patch.object(streaming, "unit_products", counted_products):
+        closeness = chunked_closeness(cosine_similarity_scores, True, queries, queries, 256)
+        expected = naive_opis(closeness, labels.numpy(), labels.numpy(), 0)
+        result = opis(queries, labels, chunk_size=256, collect_limit=1000)
+    assert result.calibration_range == (expected["lo"], expected["hi"])
+    assert result.opis == pytest.approx(expected["opis"], abs=1e-9)
+    ((rows, values, products),) = samples
+    assert rows.numel() == 2048 // 16
+    assert budget <= values.numel() <= budget + 64 and products == values.numel()
+    # the stream holds the rows sorted by label: its rows' scores are the sorted closeness
+    order = torch.argsort(labels, stable=True)
+    sorted_closeness = torch.as_tensor(closeness)[order][:, order]
+    sorted_labels = labels[order]
+    row_scores = sorted_closeness[rows]
+    negative = sorted_labels[rows][:, None] != sorted_labels[None, :]
+    taken = ~torch.isnan(values)
+    assert 0.5 < float(taken.float().mean()) < 0.85  # 3 classes: about 2/3 negative
+    per_row = values.view(rows.numel() // 64, 64, -1)  # 64 rows share a draw of references
+    for group, group_values in enumerate(per_row):
+        scores = row_scores[group * 64 : (group + 1) * 64]
+        for row in range(64):
+            got = group_values[row][~torch.isnan(group_values[row])]
+            allowed = scores[row][negative[group * 64 + row]]
+            assert torch.isin(got, allowed).all()

@@ -118,7 +118,7 @@ def _guide_brackets(
     generator = torch.Generator().manual_seed(seed)
     picked = max(1, -(-num_queries // GUIDE_FRACTION))
     rows = torch.randperm(num_queries, generator=generator)[:picked].sort().values
-    sample = stream.negative_sample(rows.to(stream.queries.device), GUIDE_BUDGET)
+    sample = stream.negative_sample(rows.to(stream.queries.device), GUIDE_BUDGET, generator)
     valid = torch.isfinite(sample)  # (NaN marks a pair that is not negative)
     bounds = (
         torch.stack(

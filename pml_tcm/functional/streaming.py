@@ -181,6 +181,10 @@ def stream_order(labels: Tensor, groups: Tensor | None = None) -> Tensor:
     return by_group.index_select(0, torch.argsort(labels.index_select(0, by_group), stable=True))
 
 
+GUIDE_GROUP_ROWS = 64
+"""Query rows of :meth:`PairStream.negative_sample` that share one random draw of
+references (pairs sharing a reference are correlated; a draw per few rows spreads them)."""
+
 LARGE_CLASS_REFERENCES = 256
 """A query class with at least this many references is *large*: its rows are streamed in
 chunks of their own, the columns of the other classes (all negative pairs) in the main
@@ -777,27 +781,36 @@ class PairStream:
                 block.view(-1)[rows * block.shape[1] + columns] = math.nan
             yield block.view(-1)
 
-    def negative_sample(self, rows: Tensor, budget: int) -> Tensor:
-        """Every ``stride``-th pair (row-major) of the blocks of the given query rows, about
-        ``budget`` scores, NaN where the pair is not negative (guide only; no more than
-        that is ever held)."""
-        num_references = max(1, self.num_references)
-        stride = max(1, -(-rows.shape[0] * num_references // budget))
+    def negative_sample(
+        self, rows: Tensor, budget: int, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """About ``budget`` scores of the given query rows' pairs, NaN where the pair is
+        not negative (guide only; no more than that is ever held). The rows go in groups
+        of :data:`GUIDE_GROUP_ROWS`, each against its own random references (drawn with
+        replacement from ``generator``), so that only the sampled pairs are scored."""
+        num_rows, num_references = rows.shape[0], self.num_references
+        if num_rows == 0 or num_references == 0:
+            return self.queries.new_zeros(0)
+        width = min(num_references, max(1, -(-budget // num_rows)))
+        device = self.queries.device
+        groups = -(-num_rows // GUIDE_GROUP_ROWS)
+        if width < num_references:  # (drawn on the host at once: one copy, not one a group)
+            drawn = torch.randint(num_references, (groups, width), generator=generator)
+            drawn = drawn.to(device)
+        else:
+            drawn = torch.arange(num_references, device=device).expand(groups, width)
         out = []
-        for start in range(0, rows.shape[0], self.chunk_size):
-            picked = rows[start : start + self.chunk_size]
+        for group, start in enumerate(range(0, num_rows, GUIDE_GROUP_ROWS)):
+            picked = rows[start : start + GUIDE_GROUP_ROWS]
+            columns = drawn[group]
             queries = self.queries.index_select(0, picked)
-            if self.cosine:  # (into the reused buffer: a fresh block costs page faults)
-                block = self._buffer_block(queries.shape[0], self.num_references)
-                unit_products(queries, self.references, out=block)
+            references = self.references.index_select(0, columns)
+            if self.cosine:
+                block = unit_products(queries, references)
             else:
-                block = self.score_fn(queries, self.references)
-            block = (block if self.higher_is_closer else block.neg()).contiguous()
-            positions = torch.arange(0, block.numel(), stride, device=block.device)
-            sample_rows = torch.div(positions, num_references, rounding_mode="floor")
-            columns = positions - sample_rows * num_references
-            negative = self.query_labels.index_select(0, picked).index_select(0, sample_rows) != (
-                self.reference_labels.index_select(0, columns)
-            )
-            out.append(torch.where(negative, block.view(-1)[::stride], math.nan))
-        return torch.cat(out) if out else self.queries.new_zeros(0)
+                block = self.score_fn(queries, references)
+            block = block if self.higher_is_closer else block.neg()
+            query_labels = self.query_labels.index_select(0, picked)
+            negative = query_labels[:, None] != self.reference_labels.index_select(0, columns)
+            out.append(torch.where(negative, block, math.nan).reshape(-1))
+        return torch.cat(out)
