@@ -114,6 +114,45 @@ def test_bucket_histogram_counts_exactly_at_the_edges(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("inside", [0.0, 0.1, 0.5, 0.9])  # share of values inside the grid
+def test_bucket_histogram_buckets_only_the_values_inside_the_grid(dtype, inside, monkeypatch):
+    # with few classes most positive pairs lie below or above the range: those are only
+    # counted (below the first grid point: bucket 0; from the last one: bucket G), the
+    # values between are bucketed; a tile mostly inside is bucketed whole; exact either way
+    monkeypatch.setattr(host, "HISTOGRAM_TILE", 4096)
+    lo, hi, size = 0.2, 0.3, 201
+    grid = torch.linspace(lo, hi, size, dtype=torch.float64)
+    edges = ceil_grid(grid, dtype)
+    gen = torch.Generator().manual_seed(3)
+    count = 40_000
+    between = torch.rand(count, generator=gen, dtype=torch.float64) * (hi - lo) + lo
+    outside = torch.rand(count, generator=gen, dtype=torch.float64) * 1.4 - 0.4
+    outside = torch.where(outside >= lo, outside + (hi - lo), outside)  # [-0.4, 0.2) ∪ [0.3, 1.1)
+    picked = torch.rand(count, generator=gen) < inside
+    values = torch.where(picked, between, outside.clamp(max=1.0)).to(dtype)
+    steps = torch.full_like(edges, -math.inf)
+    values[:8] = torch.tensor([-1.0, 1.0, -math.inf, math.inf, lo, hi, -0.0, 0.0], dtype=dtype)
+    values[8 : 8 + size] = edges  # on a grid point: counted with it (the first and last too)
+    values[8 + size : 8 + 2 * size] = torch.nextafter(edges, steps)  # one step below: not
+    bucketed = []
+    tile_buckets = host._tile_buckets
+
+    def counted(tile, *args):
+        bucketed.append(tile.size)
+        return tile_buckets(tile, *args)
+
+    monkeypatch.setattr(host, "_tile_buckets", counted)
+    with _threads(2):
+        histogram = _host_histogram(values, edges)
+    assert torch.equal(histogram, _naive_histogram(values, grid))
+    within = int(((values >= edges[0]) & (values < edges[-1])).sum())
+    if inside <= 0.1:
+        assert sum(bucketed) == within
+    elif inside == 0.9:
+        assert sum(bucketed) == values.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("tile", [7, 40, 1 << 18])  # pieces of a row, rows, one tile
 def test_bucket_histogram_of_a_column_range_of_a_block(dtype, tile, monkeypatch):
     # a large class's slab counted as a column range of whole rows: strided rows
