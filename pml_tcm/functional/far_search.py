@@ -5,8 +5,9 @@ Owns :func:`far_closeness_thresholds` (and the FAR rank ``k = max(1, ⌈f · n_n
 for a target FAR. ``⌈f · n⌉`` is evaluated exactly on the decimal value of ``f`` as
 Python prints it (0.01 is 1/100).
 
-1. *Guide* (only when there are more negatives than ``collect_limit``): an evenly
-   strided sample of about 2^21 pairs of a random 1/16 of the queries, negatives kept, is
+1. *Guide* (only when there are more negatives than ``collect_limit``): a sample of
+   about 2^21 pairs (a random 1/16 of the queries, each group of 64 of them scored
+   against references drawn at random for it, with replacement), negatives kept, is
    histogrammed; the bins around the target rank, widened by a 6σ sampling margin and one
    bin for rounding, give a bracket ``[lo, hi)``.
 2. *Exact pass*: one pass over all chunks, filtered at the lowest ``lo``, counts the
