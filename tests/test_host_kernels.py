@@ -130,10 +130,10 @@ def test_bucket_histogram_buckets_only_the_values_inside_the_grid(dtype, inside,
     outside = torch.where(outside >= lo, outside + (hi - lo), outside)  # [-0.4, 0.2) ∪ [0.3, 1.1)
     picked = torch.rand(count, generator=gen) < inside
     values = torch.where(picked, between, outside.clamp(max=1.0)).to(dtype)
-    steps = torch.full_like(edges, -math.inf)
+    down = torch.full_like(edges, -math.inf)
     values[:8] = torch.tensor([-1.0, 1.0, -math.inf, math.inf, lo, hi, -0.0, 0.0], dtype=dtype)
     values[8 : 8 + size] = edges  # on a grid point: counted with it (the first and last too)
-    values[8 + size : 8 + 2 * size] = torch.nextafter(edges, steps)  # one step below: not
+    values[8 + size : 8 + 2 * size] = torch.nextafter(edges, down)  # one step below: not
     bucketed = []
     tile_buckets = host._tile_buckets
 
