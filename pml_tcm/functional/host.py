@@ -169,14 +169,12 @@ def buckets(values: Tensor, next_edges: Tensor, scale: float, shift: Tensor) -> 
     return torch.from_numpy(out)
 
 
-def _inside_histogram(
-    tile: np.ndarray, edges: np.ndarray, step: np.floating, offset: np.floating
-) -> Tensor | None:
-    """The ``(G + 1,)`` histogram of ``tile`` (1-D) when at most half of its values lie
-    inside the grid, else ``None``. A value below the first grid point is in bucket 0, one
-    at or above the last in bucket ``G``: both are only counted (with few classes most
-    positive pairs lie on either side of the range); only the values between are
-    bucketed, which are then few (bucketing takes seven passes over the values and a
+def _between_grid(tile: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """``(values, below, above)``: the values of ``tile`` (1-D) between the first grid
+    point and the last (a scratch copy), with how many lie below the first (bucket 0)
+    and at or above the last (bucket ``G``), when at most half lie between; else
+    ``(tile, 0, 0)``. With few classes most positive pairs lie on either side of the
+    range: those need only be counted (bucketing takes seven passes over the values and a
     ``bincount``, which is slowest where many values share a bucket)."""
     size = edges.shape[0] - 1
     inside = _scratch("inside", tile.size, np.bool_)
@@ -187,14 +185,10 @@ def _inside_histogram(
     np.greater(inside, top, out=inside)  # at or above the first point, below the last
     between = int(np.count_nonzero(inside))
     if 2 * between > tile.size:
-        return None
+        return tile, 0, 0
     # (flatnonzero and take: NumPy's compress holds the GIL longer, two threads hardly help)
     values = np.take(tile, np.flatnonzero(inside), out=_scratch("between", between, tile.dtype))
-    out = _tile_buckets(values, edges, step, offset, _scratch("buckets", between, np.int32))
-    histogram = torch.bincount(torch.from_numpy(out), minlength=size + 1)
-    histogram[0] += tile.size - between - above  # (NaN, never given, would count here)
-    histogram[size] += above
-    return histogram
+    return values, tile.size - between - above, above  # (NaN, never given, counts below)
 
 
 def bucket_histogram(values: Tensor, next_edges: Tensor, scale: float, shift: Tensor) -> Tensor:
@@ -223,13 +217,15 @@ def bucket_histogram(values: Tensor, next_edges: Tensor, scale: float, shift: Te
     def count(corner: tuple[int, int]) -> Tensor:
         row, column = corner
         tile = data[row : row + row_step, column : column + column_step]
+        below = above = 0
         if size >= 2 and tile.flags.c_contiguous:
-            inside = _inside_histogram(tile.reshape(-1), edges, step, offset)
-            if inside is not None:
-                return inside
+            tile, below, above = _between_grid(tile.reshape(-1), edges)
         out = _scratch("buckets", tile.size, np.int32).reshape(tile.shape)
         _tile_buckets(tile, edges, step, offset, out)
-        return torch.bincount(torch.from_numpy(out.reshape(-1)), minlength=size + 1)
+        histogram = torch.bincount(torch.from_numpy(out.reshape(-1)), minlength=size + 1)
+        histogram[0] += below
+        histogram[size] += above
+        return histogram
 
     total = torch.zeros(size + 1, dtype=torch.int64)
     for part in map_on_threads(count, tiles):
